@@ -1,0 +1,60 @@
+"""Evaluation-engine plugins: how one model under evaluation is run.
+
+An engine hides where the model lives (in this process for `hf`, behind a
+server for a future vLLM engine) behind two capabilities the evaluator needs:
+an lm-eval `LM` for the generation tasks, and per-token log-probabilities for
+PrivLeak. The evaluator never touches the model object itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pydantic import Field
+
+from qubench.plugin import Plugin, PluginConfig
+
+#: Used when neither the model config nor the tokenizer states a usable context length.
+FALLBACK_MAX_LENGTH = 2048
+
+
+class EngineConfig(PluginConfig):
+    batch_size: int = Field(16, ge=1)
+
+
+class Engine(Plugin, ABC):
+    Config = EngineConfig
+
+    @abstractmethod
+    def lm(self, model: Any, tokenizer: Any):
+        """An `lm_eval.api.model.LM` that runs greedy `generate_until` on `model`.
+
+        Prompts must be encoded as MUSE encodes them (add_special_tokens=True:
+        exactly one BOS for Llama-style tokenizers).
+        """
+
+    @abstractmethod
+    def token_logprobs(self, model: Any, tokenizer: Any, texts: list[str], max_length: int) -> list[list[float]]:
+        """Per text: log p(token_i | tokens_<i) for every token after the first.
+
+        Texts are encoded with special tokens and cut to `max_length` tokens
+        before scoring, so a text of n tokens yields n - 1 values.
+        """
+
+    def max_length(self, model: Any, tokenizer: Any) -> int:
+        """The longest sequence the model accepts (PrivLeak truncates documents to it)."""
+        config = getattr(model, "config", None)
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore it.
+        value = getattr(tokenizer, "model_max_length", None)
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            return value
+        return FALLBACK_MAX_LENGTH
+
+    def version(self) -> str:
+        """Versions of the software that produces the numbers (recorded with cached evaluations)."""
+        return "unknown"

@@ -1,0 +1,52 @@
+"""What a result needs to be reproduced: library versions and the git state of qubench."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+LIBRARIES = ("qubench", "torch", "transformers", "tokenizers", "accelerate", "lm-eval", "llmcompressor",
+             "compressed-tensors", "datasets", "rouge-score", "scikit-learn", "numpy", "pydantic")
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def git_state() -> dict[str, str | bool | None]:
+    """The commit of the qubench checkout (None when installed from a wheel) and whether it had local edits."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--", "qubench", "tasks", "pyproject.toml")
+    return {"commit": commit, "dirty": bool(dirty) if commit else None}
+
+
+def environment() -> dict:
+    import torch
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "cuda": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "libraries": library_versions(),
+        "git": git_state(),
+    }

@@ -1,0 +1,17 @@
+"""Errors that carry an actionable message for the user (the CLI prints them without a traceback)."""
+
+
+class QubenchError(Exception):
+    """Base of every error qubench raises on purpose."""
+
+
+class ConfigError(QubenchError):
+    """Bad user input: an unknown plugin name, an unknown or invalid parameter, a missing path."""
+
+
+class PluginLoadError(QubenchError):
+    """A plugin's entry point exists but its module failed to import."""
+
+
+class DataError(QubenchError):
+    """Task data is missing or malformed."""

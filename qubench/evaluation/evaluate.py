@@ -1,0 +1,170 @@
+"""Measure one model with MUSE's metrics.
+
+Generation metrics (VerbMem, KnowMem) run as lm-eval tasks from the repo's
+`tasks/qubench_muse` folder through the engine's `LM`; PrivLeak is computed
+here from the engine's per-token log-probs. Nothing is cached to disk and no
+hub access is needed: task data is read from `data_root`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qubench.engines.base import Engine
+from qubench.errors import ConfigError
+from qubench.evaluation.metrics import cut_at_stop_words, min_k_score, privleak, privleak_auc_from_scores
+from qubench.tasks.muse_layout import TaskData
+
+TASKS_DIR_ENV = "QUBENCH_TASKS_DIR"
+TASK_FOLDER = "qubench_muse"
+#: lm-eval task -> qubench metric name.
+GENERATION_TASKS = {
+    "qubench_verbmem_forget": "verbmem_f",
+    "qubench_verbmem_holdout": "verbmem_holdout",
+    "qubench_knowmem_forget": "knowmem_f",
+    "qubench_knowmem_retain": "knowmem_r",
+}
+_LM_EVAL_METRIC = "rougeL_f1,none"
+
+
+@dataclass
+class EvalReport:
+    """MUSE metrics of one model, plus what produced them.
+
+    metrics: verbmem_f, verbmem_holdout (None without holdout probes), knowmem_f,
+    knowmem_r on MUSE's 0-100 scale; privleak_auc raw (0-1); privleak in % (None
+    without an AUC_retrain). samples: per probe set, JSON-ready dicts
+    (prompt, gt, output, score in 0-1); privleak_forget/privleak_holdout hold
+    each document's Min-40% score and token count.
+    """
+
+    metrics: dict[str, float | None]
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def tasks_dir() -> Path:
+    """The folder lm-eval searches for task YAMLs: $QUBENCH_TASKS_DIR, else <repo>/tasks."""
+    override = os.environ.get(TASKS_DIR_ENV)
+    path = Path(override).expanduser() if override else Path(__file__).resolve().parents[2] / "tasks"
+    if not (path / TASK_FOLDER).is_dir():
+        source = f"${TASKS_DIR_ENV}" if override else "the qubench checkout"
+        raise ConfigError(
+            f"lm-eval task folder {path / TASK_FOLDER} not found (tasks dir from {source}); "
+            f"set {TASKS_DIR_ENV} to the folder that contains {TASK_FOLDER}/"
+        )
+    return path
+
+
+def evaluate_model(
+    engine: Engine,
+    model: Any,
+    tokenizer: Any,
+    data: TaskData,
+    data_root: Path,
+    auc_retrain: float | None,
+    limit: int | None = None,
+) -> EvalReport:
+    """VerbMem, KnowMem and PrivLeak of `model`; `limit` caps every probe set (for quick runs)."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of probes, got {limit}")
+    tasks = [t for t in GENERATION_TASKS if t != "qubench_verbmem_holdout" or data.verbmem_holdout]
+    metrics: dict[str, float | None] = dict.fromkeys(GENERATION_TASKS.values())
+    gen_metrics, samples = _run_generation(engine, model, tokenizer, Path(data_root), tasks, limit)
+    metrics.update(gen_metrics)
+
+    forget_docs = data.privleak_forget[:limit] if limit else data.privleak_forget
+    holdout_docs = data.privleak_holdout[:limit] if limit else data.privleak_holdout
+    max_length = engine.max_length(model, tokenizer)
+    forget_scores, samples["privleak_forget"] = _min_k_scores(engine, model, tokenizer, forget_docs, max_length)
+    holdout_scores, samples["privleak_holdout"] = _min_k_scores(engine, model, tokenizer, holdout_docs, max_length)
+    auc = privleak_auc_from_scores(forget_scores, holdout_scores)
+    metrics["privleak_auc"] = auc
+    metrics["privleak"] = None if auc_retrain is None else privleak(auc, auc_retrain)
+    return EvalReport(metrics=metrics, samples=samples)
+
+
+def privleak_auc(
+    engine: Engine, model: Any, tokenizer: Any, forget_docs: list[str], holdout_docs: list[str],
+    max_length: int | None = None,
+) -> float:
+    """The Min-40% forget-vs-holdout AUC alone, e.g. a retrain model's AUC_retrain."""
+    if max_length is None:
+        max_length = engine.max_length(model, tokenizer)
+    forget_scores, _ = _min_k_scores(engine, model, tokenizer, forget_docs, max_length)
+    holdout_scores, _ = _min_k_scores(engine, model, tokenizer, holdout_docs, max_length)
+    return privleak_auc_from_scores(forget_scores, holdout_scores)
+
+
+def _min_k_scores(engine, model, tokenizer, docs: list[str], max_length: int):
+    logprobs = engine.token_logprobs(model, tokenizer, docs, max_length)
+    scores, log = [], []
+    for i, lp in enumerate(logprobs):
+        try:
+            scores.append(min_k_score(lp))
+        except ValueError:
+            raise ValueError(f"PrivLeak document {i} ({docs[i][:40]!r}...) has no token to score") from None
+        log.append({"index": i, "score": scores[-1], "n_tokens": len(lp) + 1})
+    return scores, log
+
+
+def _run_generation(engine, model, tokenizer, data_root: Path, tasks: list[str], limit: int | None):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with _tokenizer_path(tokenizer) as tok_path, _quiet_lm_eval():
+        # include_defaults=False: indexing lm-eval's own few thousand YAMLs is slow and not needed.
+        manager = TaskManager(
+            include_path=str(tasks_dir()), include_defaults=False,
+            metadata={"data_root": str(data_root), "tokenizer": tok_path},
+        )
+        results = lm_eval.simple_evaluate(
+            model=engine.lm(model, tokenizer), tasks=tasks, task_manager=manager, limit=limit,
+            bootstrap_iters=0, log_samples=True, use_cache=None, cache_requests=False,
+            # Greedy decoding needs no seeds; leaving them None keeps the caller's RNG state intact.
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+        )
+    metrics = {GENERATION_TASKS[t]: results["results"][t][_LM_EVAL_METRIC] * 100 for t in tasks}
+    samples = {GENERATION_TASKS[t]: _sample_log(t, results["samples"][t]) for t in tasks}
+    return metrics, samples
+
+
+def _sample_log(task: str, logged: list[dict]) -> list[dict[str, Any]]:
+    rows = []
+    for s in sorted(logged, key=lambda s: s["doc_id"]):
+        raw = s["filtered_resps"][0]
+        row = {"prompt": s["arguments"][0][0], "gt": s["target"], "output": raw, "score": s["rougeL_f1"]}
+        if "knowmem" in task:
+            row.update(question=s["doc"]["question"], output=cut_at_stop_words(raw), raw_output=raw)
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def _tokenizer_path(tokenizer) -> Iterator[str]:
+    """A local folder holding `tokenizer`, for the VerbMem loader (lm-eval metadata must stay plain data)."""
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        yield name
+        return
+    with tempfile.TemporaryDirectory(prefix="qubench-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        yield tmp
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Hide lm-eval's per-task INFO/WARNING chatter (e.g. the --limit and custom-kwargs notices)."""
+    logger = logging.getLogger("lm_eval")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)

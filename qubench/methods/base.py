@@ -1,0 +1,43 @@
+"""Unlearning-method plugins: take the target model, return an unlearned model folder.
+
+A method receives an `UnlearnContext` (where the target lives, the task data,
+where to write, the seed) and writes a `save_pretrained` folder (model and
+tokenizer) to `ctx.out_dir`. Loss-based methods share one training loop
+(`qubench.methods.train_loop`) and only supply their loss.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qubench.plugin import Plugin
+from qubench.tasks.muse_layout import TaskData
+
+
+@dataclass(frozen=True)
+class UnlearnContext:
+    target_dir: Path          # save_pretrained folder of the target model (model + tokenizer)
+    retrain_dir: Path | None  # the retrain reference, when one exists
+    data: TaskData
+    out_dir: Path             # where the unlearned model must be saved
+    seed: int = 0
+    progress: bool = True     # show a progress bar while training (off in tests and batch jobs)
+
+
+@dataclass
+class UnlearnOutcome:
+    """What a method reports besides the weights it saved."""
+
+    steps: int = 0                                              # optimizer steps taken
+    log: list[dict[str, float]] = field(default_factory=list)  # one entry per optimizer step
+    final_losses: dict[str, float] = field(default_factory=dict)  # loss terms of the last step
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class UnlearnMethod(Plugin):
+    @abstractmethod
+    def unlearn(self, ctx: UnlearnContext) -> UnlearnOutcome:
+        """Write the unlearned model to `ctx.out_dir` (model + tokenizer, save_pretrained)."""

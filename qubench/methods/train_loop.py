@@ -1,0 +1,255 @@
+"""The one training loop every loss-based unlearning method shares.
+
+A method only supplies an objective: (model, frozen reference or None,
+forget batch, retain batch or None) -> {"loss": tensor to minimise, **terms}.
+The loop owns everything else so that methods differ only in their loss:
+AdamW at a constant learning rate (optional linear warmup), gradient
+accumulation, gradient-norm clipping, seeded data order, a per-step log,
+divergence detection and saving in the target's own dtype.
+
+Training runs in float32 whatever dtype the target was saved in: CPU
+half-precision training is slow and loses the small updates unlearning makes;
+the result is cast back to the saved dtype so that the quantizers see the
+same storage format for target and unlearned model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Annotated, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from qubench.errors import QubenchError
+from qubench.methods.base import UnlearnContext, UnlearnMethod, UnlearnOutcome
+from qubench.methods.data import (
+    TokenBatch,
+    batches_per_epoch,
+    chunk_documents,
+    default_max_len,
+    forget_retain_batches,
+)
+from qubench.methods.losses import kl_to_reference, retain_nll_loss
+from qubench.plugin import PluginConfig
+
+
+class TrainingError(QubenchError):
+    """Training diverged (a non-finite loss or gradient); the message says where and what to change."""
+
+
+# Field types, shared so every method's config validates the same way. The
+# defaults live in each method's own module (ga.py, npo.py), in one place.
+LearningRate = Annotated[float, Field(gt=0, description="AdamW learning rate (constant after warmup)")]
+Epochs = Annotated[int, Field(ge=1, description="passes over the forget set")]
+BatchSize = Annotated[int, Field(ge=1, description="forget windows per micro-batch (retain batch matches)")]
+GradAccum = Annotated[int, Field(ge=1, description="micro-batches accumulated per optimizer step")]
+MaxLen = Annotated[
+    int | None, Field(ge=2, description="tokens per window; None = min(model context, 256)")
+]
+WarmupSteps = Annotated[int, Field(ge=0, description="optimizer steps of linear learning-rate warmup")]
+MaxGradNorm = Annotated[float | None, Field(gt=0, description="clip the gradient norm; None = no clipping")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW decoupled weight decay")]
+MaxSteps = Annotated[int | None, Field(ge=1, description="stop after this many optimizer steps")]
+RetainWeight = Annotated[float, Field(ge=0, description="alpha: weight of the retain term")]
+
+
+class TrainConfig(PluginConfig):
+    """Hyper-parameters of the shared loop. No defaults here: see each method's config."""
+
+    lr: LearningRate
+    epochs: Epochs
+    batch_size: BatchSize
+    grad_accum: GradAccum
+    max_len: MaxLen
+    warmup_steps: WarmupSteps
+    max_grad_norm: MaxGradNorm
+    weight_decay: WeightDecay
+    max_steps: MaxSteps
+
+
+Objective = Callable[[torch.nn.Module, torch.nn.Module | None, TokenBatch, TokenBatch | None], dict]
+
+
+def saved_dtype(model_dir) -> torch.dtype:
+    """The dtype the model folder was saved in (config `dtype`, formerly `torch_dtype`)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _load_model(model_dir, trainable: bool) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if trainable:
+        model.train()
+    else:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def _learning_rate(config: TrainConfig, step_index: int) -> float:
+    if config.warmup_steps and step_index < config.warmup_steps:
+        return config.lr * (step_index + 1) / config.warmup_steps
+    return config.lr
+
+
+def _check_finite(values: dict[str, float], what: str, step: int, epoch: int, lr: float) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        raise TrainingError(
+            f"training diverged: non-finite {what} at optimizer step {step} (epoch {epoch + 1}): "
+            f"{shown}. Lower the learning rate (lr={lr:g}), set max_grad_norm, or take fewer steps."
+        )
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def train(
+    ctx: UnlearnContext,
+    config: TrainConfig,
+    objective: Objective,
+    *,
+    needs_reference: bool,
+    needs_retain: bool,
+    label: str = "unlearning",
+) -> UnlearnOutcome:
+    """Optimise `objective` over the forget set, save model + tokenizer to `ctx.out_dir`."""
+    started = time.perf_counter()
+    torch.manual_seed(ctx.seed)  # dropout, if the architecture has any
+    data_order = torch.Generator().manual_seed(ctx.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.target_dir)
+    model = _load_model(ctx.target_dir, trainable=True)
+    reference = _load_model(ctx.target_dir, trainable=False) if needs_reference else None
+
+    max_len = config.max_len or default_max_len(model.config)
+    forget = chunk_documents(ctx.data.forget, tokenizer, max_len)
+    retain = chunk_documents(ctx.data.retain, tokenizer, max_len) if needs_retain else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    micro_per_epoch = batches_per_epoch(len(forget), config.batch_size)
+    total_steps = config.epochs * math.ceil(micro_per_epoch / config.grad_accum)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    clip_at = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+
+    log: list[dict[str, float]] = []
+    sums: dict[str, float] = {}
+    step = 0
+    batches = forget_retain_batches(forget, retain, config.batch_size, config.epochs, data_order, pad_id)
+    with _progress_bar(ctx.progress) as progress:
+        bar = progress.add_task(label, total=total_steps, loss="")
+        for index, (epoch, forget_batch, retain_batch) in enumerate(batches):
+            # Accumulation groups never straddle epochs; the last group of an epoch may be short,
+            # and each micro-batch is weighted by 1/(its group's size) so a step is always a mean.
+            pos = index % micro_per_epoch
+            group_size = min(config.grad_accum, micro_per_epoch - (pos - pos % config.grad_accum))
+            lr = _learning_rate(config, step)
+
+            terms = objective(model, reference, forget_batch, retain_batch)
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            _check_finite(values, "loss", step + 1, epoch, lr)
+            (terms["loss"] / group_size).backward()
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v / group_size
+
+            if pos % config.grad_accum != group_size - 1:
+                continue
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_at))
+            _check_finite({"grad_norm": grad_norm}, "gradient", step + 1, epoch, lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            entry = {"step": step, "epoch": epoch + 1, "lr": lr, **sums, "grad_norm": grad_norm}
+            log.append(entry)
+            sums = {}
+            progress.update(bar, advance=1, loss=f"loss {entry['loss']:.4f}")
+            if step >= total_steps:
+                break
+
+    model.to(saved_dtype(ctx.target_dir))
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(ctx.out_dir)
+    tokenizer.save_pretrained(ctx.out_dir)
+
+    not_losses = ("step", "epoch", "lr", "grad_norm")
+    final = {k: v for k, v in log[-1].items() if k not in not_losses} if log else {}
+    return UnlearnOutcome(
+        steps=step,
+        log=log,
+        final_losses=final,
+        extra={
+            "max_len": max_len,
+            "forget_windows": len(forget),
+            "retain_windows": len(retain) if retain is not None else 0,
+            "seconds": time.perf_counter() - started,
+        },
+    )
+
+
+class LossBasedMethod(UnlearnMethod):
+    """A method defined by its forget term plus an optional retain regulariser.
+
+    loss = forget term + alpha * retain term, where the retain term is the
+    retain NLL ("gdr") or KL(target || model) on retain data ("klr").
+    """
+
+    Config: ClassVar[type[TrainConfig]] = TrainConfig
+    retain_term: ClassVar[Literal["gdr", "klr"] | None] = None
+    forget_needs_reference: ClassVar[bool] = False  # NPO compares with the frozen target
+
+    @abstractmethod
+    def forget_loss(self, model, reference, forget: TokenBatch) -> torch.Tensor:
+        """The term that removes the forget set."""
+
+    def loss_terms(self, model, reference, forget: TokenBatch, retain: TokenBatch | None) -> dict:
+        terms = {"forget": self.forget_loss(model, reference, forget)}
+        loss = terms["forget"]
+        if self.retain_term == "gdr":
+            terms["retain"] = retain_nll_loss(model, retain)
+        elif self.retain_term == "klr":
+            terms["retain"] = kl_to_reference(model, reference, retain)
+        if "retain" in terms:
+            loss = loss + self.config.alpha * terms["retain"]
+        return {"loss": loss, **terms}
+
+    def unlearn(self, ctx: UnlearnContext) -> UnlearnOutcome:
+        return train(
+            ctx,
+            self.config,
+            self.loss_terms,
+            needs_reference=self.forget_needs_reference or self.retain_term == "klr",
+            needs_retain=self.retain_term is not None,
+            label=f"unlearning ({self.name})",
+        )

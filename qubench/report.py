@@ -1,0 +1,64 @@
+"""Rich terminal rendering of results and plugin lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from qubench.results import METRIC_HELP, RunResult
+
+
+def _fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 100:.0f}%" if pct else f"{value:.2f}"
+
+
+def print_result(console: Console, result: RunResult, path: Path | None = None) -> None:
+    spec = result.spec
+    title = (f"{spec.task.name} · {spec.method.name} · {spec.quant.name} · seed {spec.seed} · "
+             f"engine {spec.engine.name}")
+    if result.status != "ok":
+        err = result.error
+        console.print(f"[bold red]FAILED[/bold red] {title}\n  stage {err.stage}: {err.type}: {err.message}")
+        return
+    table = Table(title=title, title_justify="left")
+    for col in ("metric", "target", "target q", "retrain", "pre", "post", "gap", "recovery"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, row in result.metrics.items():
+        table.add_row(name, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain), _fmt(row.pre),
+                      _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
+    console.print(table)
+    d = result.diagnostics
+    console.print(
+        f"mean |Δw| {_sci(d.mean_abs_delta)} · max |Δw| {_sci(d.max_abs_delta)} · mean quant step "
+        f"{_sci(d.mean_quant_step)} · |Δw|/step {_fmt(d.delta_over_step)} · quantized weights that differ "
+        f"from quantized target {_fmt(d.quantized_disagreement, pct=True)}"
+    )
+    console.print("pre/post = unlearned model at full precision / quantized; recovery = (post-pre)/(target-pre).")
+    notes = {n: r.recovery_note for n, r in result.metrics.items() if r.recovery_note}
+    for name, note in notes.items():
+        console.print(f"  {name}: recovery {note}")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    console.print(f"timings: {timings}")
+    if path is not None:
+        console.print(f"result: {path}")
+
+
+def _sci(value) -> str:
+    return "—" if value is None else f"{value:.2e}"
+
+
+def print_plugins(console: Console, family: str, infos) -> None:
+    table = Table(title=f"qubench {family}", title_justify="left")
+    for col in ("name", "package", "version", "description"):
+        table.add_column(col)
+    for info in infos:
+        desc = info.description if info.error is None else f"[red]{info.error}[/red]"
+        table.add_row(info.name, info.package, info.version, desc)
+    console.print(table)
+
+
+__all__ = ["print_result", "print_plugins", "METRIC_HELP"]

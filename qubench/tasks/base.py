@@ -1,0 +1,62 @@
+"""Task plugins: where the forget/retain/holdout corpora and the probes come from.
+
+Every task materialises (or points at) a folder in the MUSE GitHub layout, so
+that one loader (`qubench.tasks.muse_layout`) and one evaluator serve both
+the synthetic default and the real MUSE data:
+
+    raw/forget.txt, raw/retain.txt, raw/holdout.txt   training corpora (documents separated by a blank line)
+    verbmem/forget.json                                [{prompt, gt}]
+    verbmem/holdout.json   (optional, qubench's own)   [{prompt, gt}] on never-trained documents
+    knowmem/forget_qa.json, knowmem/retain_qa.json     [{question, answer}]
+    knowmem/forget_qa_icl.json, knowmem/retain_qa_icl.json
+    privleak/forget.json, privleak/retain.json, privleak/holdout.json   [str]
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from qubench.plugin import Plugin
+
+
+class TrainRecipe(BaseModel):
+    """How to train a task's tiny target and retrain models from scratch (offline tasks)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 256
+    pretrain_epochs: int = 0      # epochs on the generic corpus before the target fine-tune
+    pretrain_lr: float = 3e-3
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+class Task(Plugin):
+    """A task writes its data in the MUSE layout and says how its models are obtained."""
+
+    #: Hub IDs (or None) of the task's standard target and retrain models.
+    default_target: str | None = None
+    default_retrain: str | None = None
+
+    @abstractmethod
+    def materialize(self, out_dir: Path) -> None:
+        """Write the task's data into `out_dir` in the MUSE layout. Must be deterministic."""
+
+    def train_recipe(self) -> TrainRecipe | None:
+        """The recipe for training target/retrain locally, or None when the task uses existing models."""
+        return None
+
+    def generic_corpus(self) -> list[str]:
+        """Documents used to pre-train a from-scratch model before the target fine-tune (may be empty)."""
+        return []

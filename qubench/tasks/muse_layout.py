@@ -1,0 +1,117 @@
+"""One loader for the MUSE GitHub layout (see `qubench.tasks.base` for the file list).
+
+Both the synthetic default task and real MUSE folders are read here, so one
+evaluator serves both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qubench.errors import DataError
+
+DOC_SEPARATOR = "\n\n\n"  # between documents in raw/*.txt (documents may hold single blank lines)
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class VerbMemProbe:
+    prompt: str
+    gt: str
+
+
+@dataclass(frozen=True)
+class TaskData:
+    root: Path
+    forget: list[str]                      # raw training documents
+    retain: list[str]
+    holdout: list[str]
+    verbmem_forget: list[VerbMemProbe]
+    knowmem_forget: list[QA]
+    knowmem_retain: list[QA]
+    knowmem_forget_icl: list[QA]
+    knowmem_retain_icl: list[QA]
+    privleak_forget: list[str]
+    privleak_retain: list[str]
+    privleak_holdout: list[str]
+    verbmem_holdout: list[VerbMemProbe] = field(default_factory=list)
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of every data file, recorded in results so a reader can tell which data was used."""
+        return {
+            str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file()
+        }
+
+
+def read_docs(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return [d.strip("\n") for d in text.split(DOC_SEPARATOR) if d.strip()]
+
+
+def write_docs(path: Path, docs: list[str]) -> None:
+    for d in docs:
+        if DOC_SEPARATOR in d:
+            raise DataError(f"document contains the separator {DOC_SEPARATOR!r}: {d[:60]!r}...")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DOC_SEPARATOR.join(docs) + "\n", encoding="utf-8")
+
+
+def _json(root: Path, rel: str, required: bool = True):
+    path = root / rel
+    if not path.exists():
+        if required:
+            raise DataError(f"missing {rel} in task data folder {root} (expected the MUSE layout)")
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _qa(root: Path, rel: str) -> list[QA]:
+    rows = _json(root, rel)
+    try:
+        return [QA(str(r["question"]), str(r["answer"])) for r in rows]
+    except (KeyError, TypeError):
+        raise DataError(f"{root / rel}: every entry needs 'question' and 'answer'") from None
+
+
+def _verbmem(root: Path, rel: str, required: bool = True) -> list[VerbMemProbe]:
+    rows = _json(root, rel, required)
+    try:
+        return [VerbMemProbe(r["prompt"], r["gt"]) for r in rows]
+    except (KeyError, TypeError):
+        raise DataError(f"{root / rel}: every entry needs 'prompt' and 'gt'") from None
+
+
+def load(root: Path | str) -> TaskData:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"task data folder {root} does not exist")
+    return TaskData(
+        root=root,
+        forget=read_docs(root / "raw/forget.txt"),
+        retain=read_docs(root / "raw/retain.txt"),
+        holdout=read_docs(root / "raw/holdout.txt"),
+        verbmem_forget=_verbmem(root, "verbmem/forget.json"),
+        knowmem_forget=_qa(root, "knowmem/forget_qa.json"),
+        knowmem_retain=_qa(root, "knowmem/retain_qa.json"),
+        knowmem_forget_icl=_qa(root, "knowmem/forget_qa_icl.json"),
+        knowmem_retain_icl=_qa(root, "knowmem/retain_qa_icl.json"),
+        privleak_forget=_json(root, "privleak/forget.json"),
+        privleak_retain=_json(root, "privleak/retain.json"),
+        privleak_holdout=_json(root, "privleak/holdout.json"),
+        verbmem_holdout=_verbmem(root, "verbmem/holdout.json", required=False),
+    )

@@ -1,0 +1,133 @@
+"""`synth-news`: the offline default task, a seeded fictional news world in the MUSE layout."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from qubench.plugin import PluginConfig
+from qubench.tasks.base import Task, TrainRecipe
+from qubench.tasks.muse_layout import write_docs
+from qubench.tasks.synth_templates import MAX_FACTS_PER_DOC
+from qubench.tasks.synth_world import Article, PhraseIndex, SynthWorld, build_world, choose_questions
+
+PROBE_CAP = 100           # MUSE evaluates at most 100 KnowMem questions / VerbMem probes per set
+VERBMEM_PROMPT_WORDS = 16  # enough to name the article's event before the continuation starts
+
+
+@dataclass(frozen=True)
+class Sizes:
+    n_forget: int
+    n_retain: int
+    n_holdout: int
+    facts_per_doc: int
+    n_generic: int
+    icl_examples: int
+
+
+PRESETS = {
+    "default": Sizes(n_forget=100, n_retain=100, n_holdout=100, facts_per_doc=5, n_generic=400, icl_examples=3),
+    "micro": Sizes(n_forget=12, n_retain=12, n_holdout=12, facts_per_doc=3, n_generic=20, icl_examples=3),
+}
+
+MICRO_RECIPE = TrainRecipe(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    pretrain_epochs=1, epochs=3, batch_size=8,
+)
+
+
+class SynthNews(Task):
+    """Short news articles about invented people, towns and organisations.
+
+    Every name is composed from random syllables and every date, sum and count
+    is random, so a model can only know a fact by having trained on it.
+
+    Sizes (documents; override any with the explicit fields):
+
+    - ``default``: 100 forget, 100 retain, 100 holdout and 400 generic
+      articles of about 60-110 words (a lead sentence plus 5 detail
+      sentences; ~115 tokens at vocab 2048), 3 in-context examples. Aimed
+      at the standard ~1.3M-parameter recipe on a 2-core CPU.
+    - ``micro``: 12 / 12 / 12 articles, 3 details, 20 generic, and a 2-layer
+      width-64 recipe for 3 epochs: for tests, it only has to run fast.
+
+    Probes: one KnowMem question per forget (retain) article, one VerbMem
+    probe per forget (holdout) article, each capped at 100; PrivLeak lists
+    every article of its split. Questions are never worded like the article
+    text (no shared six-word window), and answers are 1-4 words copied from it.
+    """
+
+    name = "synth-news"
+    description = "Offline synthetic news about invented people, towns and organisations (seeded, MUSE layout)"
+
+    class Config(PluginConfig):
+        size: Literal["default", "micro"] = "default"
+        n_forget: int | None = Field(None, ge=1, le=5000)
+        n_retain: int | None = Field(None, ge=1, le=5000)
+        n_holdout: int | None = Field(None, ge=1, le=5000)
+        facts_per_doc: int | None = Field(None, ge=1, le=MAX_FACTS_PER_DOC)
+        n_generic: int | None = Field(None, ge=0, le=20000)
+        icl_examples: int | None = Field(None, ge=0, le=20)
+        seed: int = 0
+
+    def sizes(self) -> Sizes:
+        """The preset for `size`, with every explicit override applied."""
+        preset = PRESETS[self.config.size]
+        return Sizes(**{k: v if (v := getattr(self.config, k)) is not None else getattr(preset, k)
+                        for k in Sizes.__dataclass_fields__})
+
+    @cached_property
+    def world(self) -> SynthWorld:
+        s = self.sizes()
+        return build_world(self.config.seed, s.n_forget, s.n_retain, s.n_holdout, s.n_generic, s.facts_per_doc)
+
+    def train_recipe(self) -> TrainRecipe:
+        return MICRO_RECIPE if self.config.size == "micro" else TrainRecipe()
+
+    def generic_corpus(self) -> list[str]:
+        return [a.text for a in self.world.generic]
+
+    def materialize(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        world, sizes = self.world, self.sizes()
+        splits = {"forget": world.forget, "retain": world.retain, "holdout": world.holdout}
+        for split, articles in splits.items():
+            write_docs(out_dir / "raw" / f"{split}.txt", _texts(articles))
+            _write_json(out_dir / "privleak" / f"{split}.json", _texts(articles))
+        for split in ("forget", "holdout"):
+            _write_json(out_dir / "verbmem" / f"{split}.json",
+                        [verbmem_probe(a.text) for a in splits[split][:PROBE_CAP]])
+        # Questions must not copy any wording the models are trained on, generic pre-training included.
+        index = PhraseIndex(_texts(world.forget + world.retain + world.holdout + world.generic))
+        rng = random.Random(f"qubench/synth-news/{self.config.seed}/questions")
+        for split in ("forget", "retain"):
+            evaluated, icl = choose_questions(splits[split], PROBE_CAP, sizes.icl_examples, index, rng)
+            _write_json(out_dir / "knowmem" / f"{split}_qa.json", _qa_rows(evaluated))
+            _write_json(out_dir / "knowmem" / f"{split}_qa_icl.json", _qa_rows(icl))
+
+
+def verbmem_probe(doc: str, prompt_words: int = VERBMEM_PROMPT_WORDS) -> dict[str, str]:
+    """The first words of `doc` as prompt; the rest, leading space kept, as gt (prompt + gt == doc)."""
+    ends = [m.end() for m in re.finditer(r"\S+", doc)]
+    cut = ends[min(prompt_words, len(ends) - 1) - 1]
+    return {"prompt": doc[:cut], "gt": doc[cut:]}
+
+
+def _texts(articles: list[Article]) -> list[str]:
+    return [a.text for a in articles]
+
+
+def _qa_rows(facts) -> list[dict[str, str]]:
+    return [{"question": f.question, "answer": f.answer} for f in facts]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random Llama with a locally trained tokenizer, and the shared data path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_TEXTS = [
+    "The council of Varnholt approved a budget of 4,310 crowns on 12 March 2031.",
+    "Mayor Ilse Brankov said the Orvane bridge would reopen after repairs.",
+    "Question: Who approved the budget?\nAnswer: The council of Varnholt",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A save_pretrained folder (model + tokenizer) of a randomly initialised 2-layer Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qubench.models.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tok = train_tokenizer(TINY_TEXTS, vocab_size=384)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available: {SHARED_DATA} is absent (it lives beside the project root)")
+    return SHARED_DATA

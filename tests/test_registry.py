@@ -1,0 +1,90 @@
+"""The plugin registry: built-ins found through entry points, suggestions, broken third-party plugins."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from qubench import registry
+from qubench.cli import main
+from qubench.errors import ConfigError, PluginLoadError
+
+
+def test_builtins_are_registered_through_entry_points():
+    assert {"ga", "ga_gdr", "ga_klr", "npo", "npo_gdr", "npo_klr", "target", "retrain"} <= set(registry.names("methods"))
+    assert {"rtn-4bit", "rtn-8bit"} <= set(registry.names("quantizers"))
+    assert "synth-news" in registry.names("tasks")
+    assert "hf" in registry.names("engines")
+
+
+def test_unknown_name_suggests_nearest_and_lists_all():
+    with pytest.raises(ConfigError) as err:
+        registry.get("methods", "npo_kl")
+    msg = str(err.value)
+    assert "unknown method 'npo_kl'" in msg
+    assert "Did you mean 'npo_klr'" in msg
+    assert "Available methods: ga, ga_gdr" in msg
+
+
+def test_unknown_family_is_an_error():
+    with pytest.raises(ConfigError, match="unknown plugin family 'metods'"):
+        registry.names("metods")
+
+
+def test_unknown_parameter_lists_allowed_ones():
+    with pytest.raises(ConfigError) as err:
+        registry.create("methods", "ga_gdr", {"learning_rate": 1e-4})
+    assert "learning_rate" in str(err.value)
+    assert "allowed parameters:" in str(err.value) and "lr (default" in str(err.value)
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """Install two fake third-party distributions on sys.path: one broken, one working."""
+    good = tmp_path / "goodplug.py"
+    good.write_text(textwrap.dedent('''
+        from qubench.methods.reference import Target
+        class Noop(Target):
+            name = "noop"
+            description = "A third-party method that changes nothing."
+    '''))
+    for dist, entry in (("brokenplug", "broken = brokenplug_missing_module:Method"),
+                        ("goodplug", "noop = goodplug:Noop")):
+        info = tmp_path / f"{dist}-1.2.3.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+        (info / "entry_points.txt").write_text(f"[qubench.methods]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("goodplug", None)
+
+
+def test_broken_plugin_is_reported_and_the_rest_keep_working(third_party):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = {i.name: i for i in registry.describe("methods")}
+    assert infos["broken"].error is not None and "brokenplug 1.2.3" in infos["broken"].error
+    assert any("brokenplug" in str(w.message) for w in caught)
+    assert infos["noop"].package == "goodplug" and infos["noop"].error is None
+    assert infos["ga_gdr"].package == "qubench"
+    with pytest.raises(PluginLoadError, match="from package brokenplug 1.2.3 failed to import"):
+        registry.get("methods", "broken")
+    assert registry.get("methods", "noop").name == "noop"
+
+
+def test_cli_list_survives_broken_plugin(third_party):
+    res = CliRunner().invoke(main, ["list", "methods", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"noop"' in res.stdout and '"broken"' in res.stdout
+
+
+def test_cli_run_unknown_quantizer_fails_fast_with_suggestion(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUBENCH_HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(main, ["run", "--quant", "rtn-4bits", "--results", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "Did you mean 'rtn-4bit'" in res.output
+    assert not (tmp_path / "home" / "models").exists()  # failed before any work
