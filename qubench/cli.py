@@ -27,7 +27,13 @@ def _params(pairs: tuple[str, ...]) -> dict:
         if "=" not in pair:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
         key, value = pair.split("=", 1)
-        params[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-5" as a string; users mean a number
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        params[key.strip()] = parsed
     return params
 
 

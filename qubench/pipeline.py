@@ -82,7 +82,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         models: PreparedModels = timer("prepare_models", prepare_models, plugins.task, data, spec.model,
                                        spec.retrain_model, progress)
         stage = "unlearn"
-        unlearned_dir = timer("unlearn", _unlearn, plugins.method, spec, models, data, log)
+        unlearned_dir = timer("unlearn", _unlearn, plugins.method, spec, models, data, log, progress)
         stage = "quantize"
         q_target = timer("quantize", _quantize, plugins.quant, models.target_dir, data, log)
         q_unlearned = timer("quantize", _quantize, plugins.quant, unlearned_dir, data, log)
@@ -120,13 +120,14 @@ class RunFailed(QubenchError):
         self.path = path
 
 
-def _unlearn(method, spec: RunSpec, models: PreparedModels, data, log: Log) -> Path:
+def _unlearn(method, spec: RunSpec, models: PreparedModels, data, log: Log, progress: bool) -> Path:
     key = store.stable_hash({"target": model_fingerprint(models.target_dir), "method": method.name,
                              "params": method.params(), "seed": spec.seed})
     path = store.home() / "unlearned" / f"{method.name}-{key}"
     if not path.exists():
         log(f"unlearning with {method.name} ...")
-    ctx = lambda tmp: method.unlearn(UnlearnContext(models.target_dir, models.retrain_dir, data, tmp, spec.seed))
+    ctx = lambda tmp: method.unlearn(UnlearnContext(models.target_dir, models.retrain_dir, data, tmp, spec.seed,
+                                                    progress))
     return store.cached_dir(path, lambda tmp: _save_unlearn_log(ctx(tmp), tmp))
 
 

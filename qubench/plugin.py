@@ -44,6 +44,7 @@ def _explain(cls: type[Plugin], exc: ValidationError) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(config)"
         lines.append(f"  {where}: {err['msg']}")
-    fields = ", ".join(f"{k} (default {v.default!r})" for k, v in cls.Config.model_fields.items())
+    fields = ", ".join(f"{k} (default {v.get_default(call_default_factory=True)!r})"
+                       for k, v in cls.Config.model_fields.items())
     lines.append(f"  allowed parameters: {fields or 'none'}")
     return "\n".join(lines)

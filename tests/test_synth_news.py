@@ -65,14 +65,15 @@ def test_micro_layout_has_every_file_and_the_configured_sizes(micro):
     assert data.privleak_forget == data.forget
     assert data.privleak_retain == data.retain
     assert data.privleak_holdout == data.holdout
-    assert len(task.generic_corpus()) == 20
+    assert len(task.world.generic) == 20
+    assert len(task.generic_corpus()) == 40  # each generic article plus its question sheet
 
 
 def test_default_size_and_document_length(default):
     task, data = default
     assert len(data.forget) == len(data.retain) == len(data.holdout) == 100
-    assert len(task.generic_corpus()) == 400
-    lengths = [len(d.split()) for d in data.forget + data.retain + data.holdout + task.generic_corpus()]
+    assert len(task.world.generic) == 400
+    lengths = [len(d.split()) for d in data.forget + data.retain + data.holdout + _articles(task)]
     assert 60 <= min(lengths) and max(lengths) <= 110
     assert all("\n" not in d for d in data.forget + data.retain + data.holdout)
 
@@ -84,7 +85,7 @@ def test_explicit_overrides_win_over_the_preset(tmp_path_factory):
     assert (len(data.knowmem_forget), len(data.knowmem_retain)) == (5, 7)
     assert (len(data.verbmem_forget), len(data.verbmem_holdout)) == (5, 4)
     assert len(data.knowmem_forget_icl) == len(data.knowmem_retain_icl) == 2
-    assert len(task.generic_corpus()) == 3
+    assert len(task.world.generic) == 3
     # a lead (amount, person, date, place) plus two details
     assert all(len(a.facts) == 6 for a in task.world.forget)
 
@@ -118,7 +119,9 @@ def test_same_config_gives_byte_identical_files_and_another_seed_does_not(micro,
 
 def test_questions_never_copy_training_wording(default):
     task, data = default
-    corpus = data.forget + data.retain + data.holdout + task.generic_corpus()
+    # Generic question sheets are left out on purpose: they share the question templates by
+    # design (to teach answering) but only about generic entities, checked in the people test.
+    corpus = data.forget + data.retain + data.holdout + _articles(task)
     doc_windows = set().union(*(_windows(_norm_words(d), 6) for d in corpus))
     questions = data.knowmem_forget + data.knowmem_retain + data.knowmem_forget_icl + data.knowmem_retain_icl
     for qa in questions:
@@ -230,3 +233,19 @@ def test_too_many_icl_examples_for_the_corpus_is_a_clear_error(tmp_path):
                                   "n_generic": 0, "icl_examples": 20})
     with pytest.raises(DataError, match="in-context examples"):
         task.materialize(tmp_path)
+
+
+def _articles(task) -> list[str]:
+    return [a.text for a in task.world.generic]
+
+
+def test_generic_question_sheets_teach_the_knowmem_format_on_generic_facts_only(default):
+    task, _ = default
+    sheets = task.generic_corpus()[len(task.world.generic):]
+    assert len(sheets) == len(task.world.generic)
+    for article, sheet in zip(task.world.generic, sheets):
+        pairs = [block.split("\nAnswer: ") for block in sheet.split("\n\n")]
+        assert [q for q, _ in pairs] == [f"Question: {f.question}" for f in article.facts]
+        assert all(a in article.text for _, a in pairs)
+    no_qa = SynthNews.from_params({"size": "micro", "generic_qa": False})
+    assert no_qa.generic_corpus() == [a.text for a in no_qa.world.generic]

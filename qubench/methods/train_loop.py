@@ -23,6 +23,7 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -126,6 +127,7 @@ def _progress_bar(enabled: bool) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
+        console=Console(stderr=True),  # stdout stays clean for --json
     )
 
 

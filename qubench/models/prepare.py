@@ -7,6 +7,7 @@ existing save_pretrained folder or a hub ID.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def _train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, prog
         base.load_state_dict(base_state)
         log[f"{name}_loss"] = fit(base, encode_docs(tokenizer, docs, recipe.max_seq_len), epochs=recipe.epochs,
                                   lr=recipe.lr, seed=recipe.seed + 1, label=f"training {name} model", **fit_args)
-        base.save_pretrained(out / name)
+        saved = base if recipe.save_dtype == "float32" else copy.deepcopy(base).to(getattr(torch, recipe.save_dtype))
+        saved.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     log["seconds"] = time.perf_counter() - t0
     (out / "training_log.json").write_text(json.dumps(log, indent=2))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -83,7 +84,7 @@ def fit(
     )
     model.train()
     history = []
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         for _ in range(epochs):
             order = torch.randperm(len(seqs), generator=gen).tolist()

@@ -17,6 +17,8 @@ from __future__ import annotations
 from abc import abstractmethod
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from qubench.plugin import Plugin
@@ -29,7 +31,7 @@ class TrainRecipe(BaseModel):
 
     vocab_size: int = 2048
     hidden_size: int = 128
-    intermediate_size: int = 352
+    intermediate_size: int = 384   # a multiple of 128, so group-128 quantization applies to every layer
     num_layers: int = 4
     num_heads: int = 4
     max_seq_len: int = 256
@@ -40,6 +42,8 @@ class TrainRecipe(BaseModel):
     batch_size: int = 16
     weight_decay: float = 0.0
     seed: int = 0
+    #: dtype the target/retrain are saved in (the papers' models are stored in bf16)
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class Task(Plugin):

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from qubench.plugin import PluginConfig
 from qubench.tasks.base import Task, TrainRecipe
@@ -76,6 +76,15 @@ class SynthNews(Task):
         n_generic: int | None = Field(None, ge=0, le=20000)
         icl_examples: int | None = Field(None, ge=0, le=20)
         seed: int = 0
+        generic_qa: bool = True
+        #: Overrides of the preset's model-training recipe (keys of qubench.tasks.base.TrainRecipe).
+        recipe: dict[str, Any] = Field(default_factory=dict)
+
+        @field_validator("recipe")
+        @classmethod
+        def _known_recipe_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+            TrainRecipe.model_validate(value)  # unknown keys and bad values fail here, before any work
+            return value
 
     def sizes(self) -> Sizes:
         """The preset for `size`, with every explicit override applied."""
@@ -89,10 +98,21 @@ class SynthNews(Task):
         return build_world(self.config.seed, s.n_forget, s.n_retain, s.n_holdout, s.n_generic, s.facts_per_doc)
 
     def train_recipe(self) -> TrainRecipe:
-        return MICRO_RECIPE if self.config.size == "micro" else TrainRecipe()
+        preset = MICRO_RECIPE if self.config.size == "micro" else TrainRecipe()
+        return preset.model_copy(update=TrainRecipe.model_validate(self.config.recipe).model_dump(
+            exclude_unset=True))
 
     def generic_corpus(self) -> list[str]:
-        return [a.text for a in self.world.generic]
+        """Generic articles, plus (with `generic_qa`) question-answer sheets about their facts in
+        the KnowMem format. A pretrained model knows how to answer a question about something it
+        read; a from-scratch model learns that skill only from such examples about *other*
+        entities (mixed training), without which KnowMem would measure nothing."""
+        articles = [a.text for a in self.world.generic]
+        if not self.config.generic_qa:
+            return articles
+        sheets = ["\n\n".join(f"Question: {f.question}\nAnswer: {f.answer}" for f in a.facts)
+                  for a in self.world.generic]
+        return articles + sheets
 
     def materialize(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)

@@ -1,0 +1,3 @@
+from qubench.cli import main
+
+main()

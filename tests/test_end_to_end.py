@@ -1,0 +1,106 @@
+"""End-to-end runs of the whole pipeline on the micro configuration, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qubench import results
+from qubench.cli import main
+
+MICRO = ["--task-param", "size=micro", "--method-param", "epochs=2", "--method-param", "lr=1e-3",
+         "--method-param", "batch_size=4", "--method-param", "grad_accum=1", "--limit", "4"]
+
+
+def _run(home, results_dir, *extra, monkeypatch):
+    monkeypatch.setenv("QUBENCH_HOME", str(home))
+    res = CliRunner().invoke(main, ["run", *MICRO, "--results", str(results_dir), "--json", *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("e2e")
+    try:
+        yield root, _run(root / "home", root / "results", "--method", "ga_gdr", monkeypatch=mp)
+    finally:
+        mp.undo()
+
+
+def test_run_reports_pre_post_gap_recovery_and_validates(first_run):
+    root, out = first_run
+    result = results.RunResult.model_validate(out)  # the printed JSON is the typed schema
+    assert result.status == "ok"
+    for name in ("verbmem_f", "knowmem_f", "privleak", "knowmem_r"):
+        row = result.metrics[name]
+        assert row.pre is not None and row.post is not None and row.target_pre is not None
+        assert row.gap == pytest.approx(row.post - row.pre)
+        if row.recovery is not None:
+            assert row.recovery == pytest.approx((row.post - row.pre) / (row.target_pre - row.pre))
+        else:
+            assert row.recovery_note
+    # the retrain model is the PrivLeak reference, so its own PrivLeak is exactly 0
+    assert result.metrics["privleak"].retrain == pytest.approx(0.0)
+    assert result.resolved["privleak_reference"]["source"] == "retrain model evaluated"
+    d = result.diagnostics
+    assert d.mean_abs_delta > 0 and d.mean_quant_step > 0 and 0 <= d.quantized_disagreement <= 1
+    assert result.resolved["quant"]["scheme"]["bits"] == 4
+    assert result.resolved["method"]["params"]["lr"] == pytest.approx(1e-3)
+    assert result.environment["libraries"]["torch"] and result.data_hashes
+    saved = list((root / "results").glob("*.json"))
+    assert len(saved) == 1 and results.load(saved[0]) == result
+
+
+def test_identical_spec_reuses_stored_result(first_run, monkeypatch):
+    root, out = first_run
+    again = _run(root / "home", root / "results", "--method", "ga_gdr", monkeypatch=monkeypatch)
+    assert again == out  # same created timestamp: nothing was recomputed
+
+
+def test_same_spec_from_a_clean_cache_gives_identical_metrics(first_run, tmp_path, monkeypatch):
+    _, out = first_run
+    fresh = _run(tmp_path / "home", tmp_path / "results", "--method", "ga_gdr", monkeypatch=monkeypatch)
+    assert fresh["metrics"] == out["metrics"]
+    assert fresh["diagnostics"] == out["diagnostics"]
+    for model in ("target", "retrain", "unlearned"):  # bit-identical weights, trained from scratch twice
+        assert fresh["resolved"]["models"][model]["fingerprint"] == out["resolved"]["models"][model]["fingerprint"]
+
+
+def test_npo_klr_shares_the_target_stages(first_run, monkeypatch):
+    root, out = first_run
+    npo = _run(root / "home", root / "results", "--method", "npo_klr", "--quant", "rtn-8bit", monkeypatch=monkeypatch)
+    assert npo["status"] == "ok" and npo["spec"]["method"]["name"] == "npo_klr"
+    assert npo["resolved"]["models"]["target"] == out["resolved"]["models"]["target"]
+    assert npo["timings"]["prepare_models"] < 5  # the target was loaded from the cache, not retrained
+    assert npo["metrics"]["knowmem_r"]["target_pre"] == out["metrics"]["knowmem_r"]["target_pre"]
+
+
+def test_failed_stage_is_recorded_with_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUBENCH_HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(main, ["run", *MICRO, "--method-param", "lr=1e30", "--method", "ga",
+                                    "--results", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "run failed in stage unlearn" in res.output
+    (saved,) = (tmp_path / "r").glob("*.json")
+    failed = results.load(saved)
+    assert failed.status == "failed" and failed.error.stage == "unlearn"
+    assert "TrainingError" in failed.error.type and "Traceback" in failed.error.traceback
+    assert not list((tmp_path / "home" / "unlearned").glob("ga-*"))  # no half-written model left behind
+
+
+def test_show_prints_a_stored_result(first_run):
+    root, _ = first_run
+    (saved,) = (root / "results").glob("*ga_gdr*.json")
+    res = CliRunner().invoke(main, ["show", str(saved)])
+    assert res.exit_code == 0 and "verbmem_f" in res.output and "recovery" in res.output
+
+
+def test_show_rejects_a_malformed_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"run_id": "x"}')
+    res = CliRunner().invoke(main, ["show", str(bad)])
+    assert res.exit_code == 2 and "not a valid qubench result" in res.output
