@@ -27,9 +27,10 @@ RECIPES = {
 METHODS = ("ga_gdr", "npo_klr")
 UNLEARN_LRS = (1e-5, 1e-4, 1e-3)
 QUANTS = ("rtn-4bit", "rtn-8bit")
-COLUMNS = ("recipe", "method", "lr", "VerbMem_f target/retrain", "KnowMem_f target/retrain", "VerbMem_f pre",
-           "KnowMem_f pre", "KnowMem_r pre", "|dw|/step4", "VerbMem_f post 4b (rec)", "VerbMem_f post 8b (rec)",
-           "KnowMem_f post 4b (rec)", "KnowMem_r post 4b")
+COLUMNS = ("recipe", "method", "lr", "VerbMem_f target/retrain", "KnowMem_f target/retrain",
+           "VerbMem_f target 4b", "VerbMem_f pre", "VerbMem_f post 4b (rec)", "VerbMem_f post 8b (rec)",
+           "KnowMem_f pre/post 4b", "VerbMem_r target/pre/post 4b", "VerbMem_holdout pre", "|dw|/step 4b",
+           "q-weights differing 4b")
 
 
 def fmt(v, pct=False):
@@ -41,13 +42,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--results", type=Path, default=Path("results/calibration"))
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--lrs", nargs="*", type=float, default=list(UNLEARN_LRS))
     args = ap.parse_args()
     quiet_libraries()
     rows = []
     t0 = time.time()
     for recipe in args.recipes:
         for method in METHODS:
-            for lr in UNLEARN_LRS:
+            for lr in args.lrs:
                 res = {}
                 for quant in QUANTS:
                     spec = RunSpec(task=PluginRef(name="synth-news", params={"recipe": RECIPES[recipe]}),
@@ -59,13 +61,16 @@ def main() -> None:
                 if len(res) < len(QUANTS):
                     continue
                 m4, m8 = res["rtn-4bit"].metrics, res["rtn-8bit"].metrics
-                v, k, r = m4["verbmem_f"], m4["knowmem_f"], m4["knowmem_r"]
+                v, v8, k = m4["verbmem_f"], m8["verbmem_f"], m4["knowmem_f"]
+                r = m4.get("verbmem_r")
+                d4 = res["rtn-4bit"].diagnostics
                 row = (recipe, method, f"{lr:g}", f"{fmt(v.target_pre)}/{fmt(v.retrain)}",
-                       f"{fmt(k.target_pre)}/{fmt(k.retrain)}", fmt(v.pre), fmt(k.pre), fmt(r.pre),
-                       f"{res['rtn-4bit'].diagnostics.delta_over_step:.3f}",
-                       f"{fmt(v.post)} ({fmt(v.recovery, True)})", f"{fmt(m8['verbmem_f'].post)} "
-                       f"({fmt(m8['verbmem_f'].recovery, True)})", f"{fmt(k.post)} ({fmt(k.recovery, True)})",
-                       fmt(r.post))
+                       f"{fmt(k.target_pre)}/{fmt(k.retrain)}", fmt(v.target_post), fmt(v.pre),
+                       f"{fmt(v.post)} ({fmt(v.recovery, True)})", f"{fmt(v8.post)} ({fmt(v8.recovery, True)})",
+                       f"{fmt(k.pre)}/{fmt(k.post)}",
+                       "—" if r is None else f"{fmt(r.target_pre)}/{fmt(r.pre)}/{fmt(r.post)}",
+                       fmt(m4["verbmem_holdout"].pre), f"{d4.delta_over_step:.3f}",
+                       fmt(d4.quantized_disagreement, True))
                 rows.append(row)
                 print(" | ".join(row), f"[{time.time() - t0:.0f}s]", flush=True)
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -21,6 +21,7 @@ METRIC_HELP = {
     "privleak": "PrivLeak: (AUC - AUC_retrain)/AUC_retrain x100, Min-40% forget vs holdout (0 = like retrain, "
                 "strongly negative = forget set still detectable)",
     "knowmem_r": "KnowMem on retain: ROUGE-L F1 x100 on retain facts (utility; higher = better)",
+    "verbmem_r": "VerbMem on retain: ROUGE-L F1 x100 on retain text (utility the model should keep; higher = better)",
     "verbmem_holdout": "VerbMem on never-trained holdout text: what a model guesses without memorising (floor)",
     "privleak_auc": "Raw Min-40% AUC, forget (non-member) vs holdout (member)",
 }
@@ -75,16 +76,22 @@ class RunResult(Strict):
     error: ErrorInfo | None = None
 
 
-RECOVERY_EPS = 1e-6
+#: Below this much forgetting (in the metric's own units) recovery is a ratio of noise and is not
+#: reported: one point on the 0-100 scales, 0.01 of AUC.
+MIN_FORGETTING = {"privleak_auc": 0.01}
+DEFAULT_MIN_FORGETTING = 1.0
 
 
-def metric_row(pre, post, target_pre=None, target_post=None, retrain=None) -> MetricRow:
+def metric_row(pre, post, target_pre=None, target_post=None, retrain=None,
+               min_forgetting: float = DEFAULT_MIN_FORGETTING) -> MetricRow:
     gap = None if pre is None or post is None else post - pre
     recovery, note = None, None
     if gap is not None and target_pre is not None:
         forgotten = target_pre - pre
-        if abs(forgotten) <= RECOVERY_EPS:
+        if forgotten == 0:
             note = "undefined: unlearning changed nothing on this metric (target_pre == pre)"
+        elif abs(forgotten) < min_forgetting:
+            note = f"undefined: |target_pre - pre| = {abs(forgotten):.3g} is below {min_forgetting:g}, too little forgetting for a ratio"
         else:
             recovery = gap / forgotten
     elif gap is not None:

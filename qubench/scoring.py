@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from qubench.evaluation.stage import Measured
-from qubench.results import METRIC_HELP, Diagnostics, MetricRow, metric_row
+from qubench.results import (DEFAULT_MIN_FORGETTING, METRIC_HELP, MIN_FORGETTING, Diagnostics, MetricRow,
+                             metric_row)
 
 
 def score(measured: Measured) -> dict[str, MetricRow]:
@@ -14,7 +15,7 @@ def score(measured: Measured) -> dict[str, MetricRow]:
     get = lambda label, name: m.get(label, {}).get(name)
     return {
         name: metric_row(get("pre", name), get("post", name), get("target_pre", name), get("target_post", name),
-                         get("retrain", name))
+                         get("retrain", name), MIN_FORGETTING.get(name, DEFAULT_MIN_FORGETTING))
         for name in names
     }
 

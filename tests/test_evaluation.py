@@ -54,6 +54,7 @@ def write_muse_folder(root: Path, with_holdout_probes: bool = True) -> Path:
     }
     if with_holdout_probes:
         files["verbmem/holdout.json"] = VERBMEM_HOLDOUT
+        files["verbmem/retain.json"] = VERBMEM_HOLDOUT[:1]
     for rel, rows in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(json.dumps(rows), encoding="utf-8")
@@ -90,14 +91,15 @@ def report_b4(tiny, muse_dir):
 def test_report_keys_ranges_and_logs(report_b4, tiny):
     tok = tiny[1]
     m = report_b4.metrics
-    assert set(m) == {"verbmem_f", "verbmem_holdout", "knowmem_f", "knowmem_r", "privleak_auc", "privleak"}
-    for key in ("verbmem_f", "verbmem_holdout", "knowmem_f", "knowmem_r"):
+    assert set(m) == {"verbmem_f", "verbmem_holdout", "verbmem_r", "knowmem_f", "knowmem_r", "privleak_auc", "privleak"}
+    for key in ("verbmem_f", "verbmem_holdout", "verbmem_r", "knowmem_f", "knowmem_r"):
         assert 0.0 <= m[key] <= 100.0
         scores = [s["score"] for s in report_b4.samples[key]]
         assert m[key] == pytest.approx(sum(scores) / len(scores) * 100)
     assert 0.0 <= m["privleak_auc"] <= 1.0
     assert m["privleak"] == pytest.approx((m["privleak_auc"] - 0.4772) / 0.4772 * 100)
-    assert [len(report_b4.samples[k]) for k in ("verbmem_f", "verbmem_holdout", "knowmem_f", "knowmem_r")] == [3, 2, 3, 3]
+    assert [len(report_b4.samples[k]) for k in ("verbmem_f", "verbmem_holdout", "verbmem_r", "knowmem_f", "knowmem_r")] \
+        == [3, 2, 1, 3, 3]
     first = report_b4.samples["knowmem_f"][0]
     assert first["prompt"] == knowmem_prompt(FORGET_QA[0]["question"], [(d["question"], d["answer"]) for d in ICL])
     assert first["gt"] == FORGET_QA[0]["answer"]
@@ -121,6 +123,7 @@ def test_limit_and_optional_holdout_and_no_auc_retrain(tiny, tmp_path):
     folder = write_muse_folder(tmp_path, with_holdout_probes=False)
     report = _evaluate(tiny, folder, batch_size=4, limit=2, auc_retrain=None)
     assert report.metrics["verbmem_holdout"] is None and "verbmem_holdout" not in report.samples
+    assert report.metrics["verbmem_r"] is None and "verbmem_r" not in report.samples
     assert report.metrics["privleak"] is None
     assert [len(report.samples[k]) for k in ("verbmem_f", "knowmem_f", "knowmem_r", "privleak_forget")] == [2, 2, 2, 2]
 

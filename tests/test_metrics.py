@@ -216,7 +216,8 @@ def test_task_generation_settings_match_muse():
     group = _yaml("_qubench_muse.yaml")
     assert group["group"] == "qubench_muse"
     assert group["task"] == [
-        "qubench_verbmem_forget", "qubench_verbmem_holdout", "qubench_knowmem_forget", "qubench_knowmem_retain"
+        "qubench_verbmem_forget", "qubench_verbmem_holdout", "qubench_verbmem_retain", "qubench_knowmem_forget",
+        "qubench_knowmem_retain",
     ]
     for task in group["task"]:
         assert _yaml(f"{task}.yaml")["task"] == task

@@ -28,6 +28,12 @@ def test_recovery_undefined_when_nothing_was_forgotten():
     assert row.recovery is None and "changed nothing" in row.recovery_note
 
 
+def test_recovery_undefined_when_forgetting_is_below_the_noise_floor():
+    row = results.metric_row(pre=0.2, post=0.5, target_pre=0.6)
+    assert row.recovery is None and "below 1" in row.recovery_note
+    assert results.metric_row(pre=0.2, post=0.5, target_pre=0.6, min_forgetting=0.1).recovery == pytest.approx(0.75)
+
+
 def test_result_round_trips_and_rejects_unknown_fields(tmp_path):
     spec = RunSpec(method=PluginRef(name="npo_klr", params={"lr": 1e-5}), seed=3)
     res = results.RunResult(run_id=spec.run_id(), status="ok", spec=spec,

@@ -16,7 +16,7 @@ from qubench.tasks.synth_world import PhraseIndex
 
 DATA_FILES = [
     "raw/forget.txt", "raw/retain.txt", "raw/holdout.txt",
-    "verbmem/forget.json", "verbmem/holdout.json",
+    "verbmem/forget.json", "verbmem/holdout.json", "verbmem/retain.json",
     "knowmem/forget_qa.json", "knowmem/retain_qa.json",
     "knowmem/forget_qa_icl.json", "knowmem/retain_qa_icl.json",
     "privleak/forget.json", "privleak/retain.json", "privleak/holdout.json",
@@ -59,7 +59,7 @@ def test_micro_layout_has_every_file_and_the_configured_sizes(micro):
     for rel in DATA_FILES:
         assert (data.root / rel).is_file(), rel
     assert len(data.forget) == len(data.retain) == len(data.holdout) == 12
-    assert len(data.verbmem_forget) == len(data.verbmem_holdout) == 12
+    assert len(data.verbmem_forget) == len(data.verbmem_holdout) == len(data.verbmem_retain) == 12
     assert len(data.knowmem_forget) == len(data.knowmem_retain) == 12
     assert len(data.knowmem_forget_icl) == len(data.knowmem_retain_icl) == 3
     assert data.privleak_forget == data.forget

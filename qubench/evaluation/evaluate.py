@@ -28,6 +28,7 @@ TASK_FOLDER = "qubench_muse"
 GENERATION_TASKS = {
     "qubench_verbmem_forget": "verbmem_f",
     "qubench_verbmem_holdout": "verbmem_holdout",
+    "qubench_verbmem_retain": "verbmem_r",
     "qubench_knowmem_forget": "knowmem_f",
     "qubench_knowmem_retain": "knowmem_r",
 }
@@ -74,7 +75,8 @@ def evaluate_model(
     """VerbMem, KnowMem and PrivLeak of `model`; `limit` caps every probe set (for quick runs)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of probes, got {limit}")
-    tasks = [t for t in GENERATION_TASKS if t != "qubench_verbmem_holdout" or data.verbmem_holdout]
+    optional = {"qubench_verbmem_holdout": data.verbmem_holdout, "qubench_verbmem_retain": data.verbmem_retain}
+    tasks = [t for t in GENERATION_TASKS if optional.get(t, True)]
     metrics: dict[str, float | None] = dict.fromkeys(GENERATION_TASKS.values())
     gen_metrics, samples = _run_generation(engine, model, tokenizer, Path(data_root), tasks, limit)
     metrics.update(gen_metrics)

@@ -22,6 +22,8 @@ from qubench.tasks.muse_layout import TaskData
 
 # Bump when the training code changes in a way that changes the weights, so old caches are not reused.
 TRAINING_CODE_VERSION = 1
+# Bump when what tasks write changes (e.g. a new probe file), so task folders are rebuilt.
+TASK_LAYOUT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class PreparedModels:
 
 def prepare_task(task: Task) -> Path:
     """Materialise the task's data folder once per (task, parameters)."""
-    key = f"{task.name}-{store.stable_hash({'params': task.params(), 'v': TRAINING_CODE_VERSION})}"
+    key = f"{task.name}-{store.stable_hash({'params': task.params(), 'v': TASK_LAYOUT_VERSION})}"
     return store.cached_dir(store.home() / "tasks" / key, task.materialize)
 
 
@@ -76,7 +78,9 @@ def prepare_models(
             recipe=None,
         )
     key = store.stable_hash(
-        {"data": data.file_hashes(), "generic": store.stable_hash(task.generic_corpus()),
+        # Only what the models are trained on: new probe files must not invalidate trained models.
+        {"forget": store.stable_hash(data.forget), "retain": store.stable_hash(data.retain),
+         "generic": store.stable_hash(task.generic_corpus()),
          "recipe": recipe.model_dump(), "v": TRAINING_CODE_VERSION}
     )
     root = store.cached_dir(

@@ -7,6 +7,7 @@ the synthetic default and the real MUSE data:
     raw/forget.txt, raw/retain.txt, raw/holdout.txt   training corpora (documents separated by a blank line)
     verbmem/forget.json                                [{prompt, gt}]
     verbmem/holdout.json   (optional, qubench's own)   [{prompt, gt}] on never-trained documents
+    verbmem/retain.json    (optional, qubench's own)   [{prompt, gt}] on retain documents (utility)
     knowmem/forget_qa.json, knowmem/retain_qa.json     [{question, answer}]
     knowmem/forget_qa_icl.json, knowmem/retain_qa_icl.json
     privleak/forget.json, privleak/retain.json, privleak/holdout.json   [str]

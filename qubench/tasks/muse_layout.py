@@ -42,7 +42,8 @@ class TaskData:
     privleak_forget: list[str]
     privleak_retain: list[str]
     privleak_holdout: list[str]
-    verbmem_holdout: list[VerbMemProbe] = field(default_factory=list)
+    verbmem_holdout: list[VerbMemProbe] = field(default_factory=list)  # qubench's own, optional
+    verbmem_retain: list[VerbMemProbe] = field(default_factory=list)   # qubench's own, optional
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every data file, recorded in results so a reader can tell which data was used."""
@@ -114,4 +115,5 @@ def load(root: Path | str) -> TaskData:
         privleak_retain=_json(root, "privleak/retain.json"),
         privleak_holdout=_json(root, "privleak/holdout.json"),
         verbmem_holdout=_verbmem(root, "verbmem/holdout.json", required=False),
+        verbmem_retain=_verbmem(root, "verbmem/retain.json", required=False),
     )

@@ -121,7 +121,7 @@ class SynthNews(Task):
         for split, articles in splits.items():
             write_docs(out_dir / "raw" / f"{split}.txt", _texts(articles))
             _write_json(out_dir / "privleak" / f"{split}.json", _texts(articles))
-        for split in ("forget", "holdout"):
+        for split in ("forget", "retain", "holdout"):
             _write_json(out_dir / "verbmem" / f"{split}.json",
                         [verbmem_probe(a.text) for a in splits[split][:PROBE_CAP]])
         # Questions must not copy any wording the models are trained on, generic pre-training included.

@@ -97,6 +97,10 @@ def load_verbmem_forget(data_root=None, tokenizer=None, pretrained=None, **_) ->
     return _load_verbmem("verbmem/forget.json", data_root, tokenizer, pretrained)
 
 
+def load_verbmem_retain(data_root=None, tokenizer=None, pretrained=None, **_) -> datasets.DatasetDict:
+    return _load_verbmem("verbmem/retain.json", data_root, tokenizer, pretrained)
+
+
 def load_verbmem_holdout(data_root=None, tokenizer=None, pretrained=None, **_) -> datasets.DatasetDict:
     return _load_verbmem("verbmem/holdout.json", data_root, tokenizer, pretrained)
 
