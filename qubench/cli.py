@@ -132,6 +132,13 @@ def list_(family, as_json) -> None:
         out.print_json(json.dumps([i.__dict__ for i in infos]))
     else:
         print_plugins(out, family, infos)
+        if family == "methods":
+            from qubench.methods.compose import MODIFIERS
+
+            mods = ", ".join(f"{name} ({cls.description})" if getattr(cls, "description", "") else name
+                             for name, cls in MODIFIERS.items())
+            out.print(f"Compose any loss-based method with modifiers as BASE+MOD[+MOD]: {mods}. "
+                      "E.g. npo_klr+hinge, ga_gdr+lora.", highlight=False)
 
 
 @main.command()

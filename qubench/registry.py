@@ -82,6 +82,10 @@ def _load(ep: EntryPoint, family: str) -> type[Plugin]:
 
 def get(family: str, name: str) -> type[Plugin]:
     """The plugin class registered as `name`, or an error that suggests the nearest names."""
+    if family == "methods" and "+" in name:  # "base+modifier+...": built on demand, not registered
+        from qubench.methods.compose import compose
+
+        return compose(name)
     eps = _entry_points(family)
     if name not in eps:
         known = sorted(eps)

@@ -88,3 +88,10 @@ def test_cli_run_unknown_quantizer_fails_fast_with_suggestion(tmp_path, monkeypa
     assert res.exit_code == 2
     assert "Did you mean 'rtn-4bit'" in res.output
     assert not (tmp_path / "home" / "models").exists()  # failed before any work
+
+
+def test_cli_list_methods_explains_composition():
+    res = CliRunner().invoke(main, ["list", "methods"])
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert "quail" in text and "BASE+MOD[+MOD]" in text and "hinge (QUAIL" in text

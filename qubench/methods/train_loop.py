@@ -7,6 +7,13 @@ AdamW at a constant learning rate (optional linear warmup), gradient
 accumulation, gradient-norm clipping, seeded data order, a per-step log,
 divergence detection and saving in the target's own dtype.
 
+Modifiers that change *how* a loss is optimised rather than *what* it is
+(the quantization-robust methods: a logit hinge, a saliency mask, LoRA
+adapters) plug in as `TrainHook`s: they see the session before the first
+step (and may wrap or freeze the model), may add loss terms per micro-batch,
+see the optimizer once it exists, and may replace the model before it is
+saved. A run without hooks is exactly the plain loop.
+
 Training runs in float32 whatever dtype the target was saved in: CPU
 half-precision training is slow and loses the small updates unlearning makes;
 the result is cast back to the saved dtype so that the quantizers see the
@@ -18,8 +25,9 @@ from __future__ import annotations
 import math
 import time
 from abc import abstractmethod
-from collections.abc import Callable
-from typing import Annotated, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -84,6 +92,61 @@ class TrainConfig(PluginConfig):
 Objective = Callable[[torch.nn.Module, torch.nn.Module | None, TokenBatch, TokenBatch | None], dict]
 
 
+@dataclass
+class TrainSession:
+    """What the loop has built before the first step. Hooks read it; `model` they may replace
+    (LoRA wraps it before training and merges the adapters back before saving)."""
+
+    ctx: UnlearnContext
+    config: TrainConfig
+    tokenizer: Any
+    model: torch.nn.Module                # float32, train mode, the target's weights until step 1
+    reference: torch.nn.Module | None     # frozen copy of the target, when the loss needs one
+    forget: list[list[int]]               # the forget windows (token ids) the loop iterates over
+    retain: list[list[int]] | None
+    pad_id: int
+
+
+class TrainHook:
+    """An extension of the shared loop; every method is a no-op here.
+
+    The loop calls, in this order: `before_training` (after the model, the
+    reference and the windows exist), `optimizer_ready` (once), `extra_terms`
+    (every micro-batch), `after_training` (before the model is cast and saved),
+    and records `summary()` in the outcome's `extra` under the hook's `name`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def before_training(self, session: TrainSession) -> None:
+        pass
+
+    def optimizer_ready(self, optimizer: torch.optim.Optimizer, session: TrainSession) -> None:
+        pass
+
+    def extra_terms(self, model: torch.nn.Module, forget: TokenBatch) -> dict[str, torch.Tensor]:
+        """Terms to log for this forget micro-batch; the one under "loss", if any, is added to the loss."""
+        return {}
+
+    def after_training(self, session: TrainSession) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def _with_hook_terms(terms: dict, hooks: Sequence[TrainHook], model, forget: TokenBatch) -> dict:
+    for hook in hooks:
+        extra = dict(hook.extra_terms(model, forget))
+        if "loss" in extra:
+            terms = {**terms, "loss": terms["loss"] + extra.pop("loss")}
+        clash = set(extra) & set(terms)
+        if clash:  # a silent overwrite would log one term under another's name
+            raise ValueError(f"hook {hook.name!r} logs terms that already exist: {sorted(clash)}")
+        terms = {**terms, **extra}
+    return terms
+
+
 def saved_dtype(model_dir) -> torch.dtype:
     """The dtype the model folder was saved in (config `dtype`, formerly `torch_dtype`)."""
     config = AutoConfig.from_pretrained(model_dir)
@@ -139,8 +202,9 @@ def train(
     needs_reference: bool,
     needs_retain: bool,
     label: str = "unlearning",
+    hooks: Sequence[TrainHook] = (),
 ) -> UnlearnOutcome:
-    """Optimise `objective` over the forget set, save model + tokenizer to `ctx.out_dir`."""
+    """Optimise `objective` (plus any hook terms) over the forget set, save model + tokenizer to `ctx.out_dir`."""
     started = time.perf_counter()
     torch.manual_seed(ctx.seed)  # dropout, if the architecture has any
     data_order = torch.Generator().manual_seed(ctx.seed)
@@ -154,13 +218,22 @@ def train(
     retain = chunk_documents(ctx.data.retain, tokenizer, max_len) if needs_retain else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    session = TrainSession(ctx, config, tokenizer, model, reference, forget, retain, pad_id)
+    for hook in hooks:
+        hook.before_training(session)
+    model = session.model
+
     micro_per_epoch = batches_per_epoch(len(forget), config.batch_size)
     total_steps = config.epochs * math.ceil(micro_per_epoch / config.grad_accum)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("nothing to train: every parameter of the model is frozen")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    for hook in hooks:
+        hook.optimizer_ready(optimizer, session)
     clip_at = config.max_grad_norm if config.max_grad_norm is not None else math.inf
 
     log: list[dict[str, float]] = []
@@ -177,6 +250,8 @@ def train(
             lr = _learning_rate(config, step)
 
             terms = objective(model, reference, forget_batch, retain_batch)
+            if hooks:
+                terms = _with_hook_terms(terms, hooks, model, forget_batch)
             values = {k: float(v.detach()) for k, v in terms.items()}
             _check_finite(values, "loss", step + 1, epoch, lr)
             (terms["loss"] / group_size).backward()
@@ -200,6 +275,9 @@ def train(
             if step >= total_steps:
                 break
 
+    for hook in hooks:
+        hook.after_training(session)
+    model = session.model
     model.to(saved_dtype(ctx.target_dir))
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ctx.out_dir)
@@ -216,6 +294,7 @@ def train(
             "forget_windows": len(forget),
             "retain_windows": len(retain) if retain is not None else 0,
             "seconds": time.perf_counter() - started,
+            **{hook.name: hook.summary() for hook in hooks},
         },
     )
 
@@ -234,6 +313,10 @@ class LossBasedMethod(UnlearnMethod):
     @abstractmethod
     def forget_loss(self, model, reference, forget: TokenBatch) -> torch.Tensor:
         """The term that removes the forget set."""
+
+    def train_hooks(self) -> list[TrainHook]:
+        """Fresh hooks for one run of the loop (composed methods add their modifiers here)."""
+        return []
 
     def loss_terms(self, model, reference, forget: TokenBatch, retain: TokenBatch | None) -> dict:
         terms = {"forget": self.forget_loss(model, reference, forget)}
@@ -254,4 +337,5 @@ class LossBasedMethod(UnlearnMethod):
             needs_reference=self.forget_needs_reference or self.retain_term == "klr",
             needs_retain=self.retain_term is not None,
             label=f"unlearning ({self.name})",
+            hooks=self.train_hooks(),
         )
