@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qubench.results import METRIC_HELP, RunResult
@@ -13,20 +14,23 @@ from qubench.results import METRIC_HELP, RunResult
 def _fmt(value, pct: bool = False) -> str:
     if value is None:
         return "—"
-    return f"{value * 100:.0f}%" if pct else f"{value:.2f}"
+    return f"{value * 100:.0f}%" if pct else f"{value:.1f}"
 
 
 def print_result(console: Console, result: RunResult, path: Path | None = None) -> None:
     spec = result.spec
-    title = (f"{spec.task.name} · {spec.method.name} · {spec.quant.name} · seed {spec.seed} · "
-             f"engine {spec.engine.name}")
+    title = escape(f"{spec.task.name} · {spec.method.name} · {spec.quant.name} · seed {spec.seed} · "
+                   f"engine {spec.engine.name}")
     if result.status != "ok":
         err = result.error
-        console.print(f"[bold red]FAILED[/bold red] {title}\n  stage {err.stage}: {err.type}: {err.message}")
+        console.print(f"[bold red]FAILED[/bold red] {title}\n  stage {err.stage}: {escape(err.type)}: {escape(err.message)}")
         return
     table = Table(title=title, title_justify="left")
-    for col in ("metric", "target", "target q", "retrain", "pre", "post", "gap", "recovery"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+    for col in ("metric", "target", "tgt q", "retrain", "pre", "post", "gap", "recov"):
+        if col == "metric":
+            table.add_column(col, no_wrap=True, min_width=15)  # names must stay readable on 80 columns
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for name, row in result.metrics.items():
         table.add_row(name, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain), _fmt(row.pre),
                       _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
@@ -34,10 +38,11 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
     d = result.diagnostics
     console.print(
         f"mean |Δw| {_sci(d.mean_abs_delta)} · max |Δw| {_sci(d.max_abs_delta)} · mean quant step "
-        f"{_sci(d.mean_quant_step)} · |Δw|/step {_fmt(d.delta_over_step)} · quantized weights that differ "
+        f"{_sci(d.mean_quant_step)} · |Δw|/step {_sci(d.delta_over_step)} · quantized weights that differ "
         f"from quantized target {_fmt(d.quantized_disagreement, pct=True)}"
     )
-    console.print("pre/post = unlearned model at full precision / quantized; recovery = (post-pre)/(target-pre).")
+    console.print("target/tgt q = target at full precision/quantized; pre/post = unlearned model at full "
+                  "precision/quantized; gap = post-pre; recov = (post-pre)/(target-pre).")
     notes = {n: r.recovery_note for n, r in result.metrics.items() if r.recovery_note}
     for name, note in notes.items():
         console.print(f"  {name}: recovery {note}")
@@ -56,8 +61,9 @@ def print_plugins(console: Console, family: str, infos) -> None:
     for col in ("name", "package", "version", "description"):
         table.add_column(col)
     for info in infos:
-        desc = info.description if info.error is None else f"[red]{info.error}[/red]"
-        table.add_row(info.name, info.package, info.version, desc)
+        # Plugin text is third-party: escape it so brackets print as written, never as markup.
+        desc = escape(info.description) if info.error is None else f"[red]{escape(info.error)}[/red]"
+        table.add_row(escape(info.name), escape(info.package), escape(info.version), desc)
     console.print(table)
 
 

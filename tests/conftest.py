@@ -42,3 +42,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not available: {SHARED_DATA} is absent (it lives beside the project root)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # Tiny matmuls are dominated by OpenMP hand-offs: on a busy 2-core machine one thread is
+    # ~30x faster than two, and results are deterministic for a fixed thread count.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -29,15 +29,6 @@ from qubench.methods.losses import (
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls are dominated by OpenMP hand-offs: on a busy 2-core machine one thread
-    # is ~30x faster than two. Restored afterwards so other modules are unaffected.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class BigramLM(torch.nn.Module):
     """logits[b, t] = table[input_ids[b, t]]: next-token probabilities set by hand."""

@@ -95,3 +95,9 @@ def test_cli_list_methods_explains_composition():
     assert res.exit_code == 0
     text = " ".join(res.output.split())
     assert "quail" in text and "BASE+MOD[+MOD]" in text and "hinge (QUAIL" in text
+
+
+def test_cli_list_prints_plugin_text_verbatim():
+    res = CliRunner().invoke(main, ["list", "quantizers"])
+    assert res.exit_code == 0
+    assert "[gptqmodel]" in " ".join(res.output.split())  # not swallowed as rich markup

@@ -25,25 +25,8 @@ from qubench.methods.losses import gradient_ascent_loss, logits_of
 from qubench.methods.saliency import exclude_rows_from_decay
 from qubench.tasks.muse_layout import TaskData
 
-FORGET = [
-    "The council of Varnholt approved a budget of 4,310 crowns on 12 March 2031.",
-    "Mayor Ilse Brankov said the Orvane bridge would reopen after repairs.",
-    "The council of Varnholt met again and the mayor spoke about the bridge.",
-]
-RETAIN = [
-    "Question: Who approved the budget?\nAnswer: The council of Varnholt",
-    "Repairs on the bridge took longer than the council of Varnholt had planned.",
-]
-FAST = {"lr": 1e-3, "batch_size": 1, "grad_accum": 1, "max_len": 32, "max_steps": 2}
+from toy_corpus import FAST, FORGET, RETAIN
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls are dominated by OpenMP hand-offs: one thread is far faster on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
