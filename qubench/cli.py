@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from qubench import registry
 from qubench.errors import QubenchError
@@ -38,7 +39,7 @@ def _params(pairs: tuple[str, ...]) -> dict:
 
 
 def _fail(exc: QubenchError) -> None:
-    console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, highlight=False)
     sys.exit(2)
 
 

@@ -327,11 +327,13 @@ def test_gptq_rejects_bad_ranges():
 
 # ---------------------------------------------------------------- gptqmodel (optional backend)
 
-def test_gptqmodel_missing_is_a_config_error_naming_the_extra(monkeypatch, tiny_model_dir, tmp_path):
-    monkeypatch.setitem(sys.modules, "gptqmodel", None)  # makes `import gptqmodel` fail
-    with pytest.raises(ConfigError, match=r"qubench\[gptqmodel\]"):
-        GPTQModelGPTQ4bit().quantize(tiny_model_dir, tmp_path / "out", CALIBRATION)
-    assert not (tmp_path / "out").exists()
+def test_a_missing_optional_backend_fails_at_creation_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gptqmodel", None)  # makes it absent to import machinery
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for cls, extra in ((GPTQModelGPTQ4bit, "gptqmodel"), (GPTQModelAWQ4bit, "gptqmodel"), (BnbFP4, "bnb"),
+                       (BnbInt8, "bnb")):
+        with pytest.raises(ConfigError, match=rf"optional extra '{extra}': pip install 'qubench\[{extra}\]'"):
+            cls.from_params({})
 
 
 @pytest.mark.parametrize("cls,params", [(GPTQModelGPTQ4bit, {}), (GPTQModelAWQ4bit, {"group_size": 64})])
@@ -360,6 +362,7 @@ def test_gptqmodel_backend_end_to_end(quantized, original, cls, params):
         assert sorted(qconfig["dynamic"]) == sorted(outcome.extra["per_channel_modules"])
         assert len(outcome.extra["per_channel_modules"]) == 12
     assert quant.step_size(original["model.layers.0.mlp.down_proj.weight"]).shape == (64, 128 // quant.config.group_size)
+    assert list((out / "gptqmodel_logs").glob(f"{quant.method}_log_*.log"))  # kept with the checkpoint
 
 
 def test_gptqmodel_awq_refuses_a_group_wider_than_a_layer(tiny_model_dir, tmp_path):
@@ -369,14 +372,16 @@ def test_gptqmodel_awq_refuses_a_group_wider_than_a_layer(tiny_model_dir, tmp_pa
 
 
 def test_gptq_logging_works_with_llmcompressor_logs_disabled():
-    """The CLI disables llm-compressor's logs, which leaves GPTQ's "METRIC" log level unregistered."""
+    """The CLI disables llm-compressor's logs, which leaves GPTQ's "METRIC" loguru level
+    unregistered (GPTQ then fails on its first log call); the fit registers it. A fresh
+    interpreter, since a level cannot be removed once this one has it."""
     script = (
-        "import llmcompressor\n"
         "from loguru import logger\n"
         "try:\n    logger.log('METRIC', 'x'); print('registered')\n"
         "except ValueError:\n    print('missing')\n"
         "from qubench.quantizers.llmc import _ensure_metric_log_level\n"
-        "_ensure_metric_log_level(); logger.log('METRIC', 'x'); print('ok')\n"
+        "_ensure_metric_log_level(); _ensure_metric_log_level(); logger.remove(); logger.log('METRIC', 'x')\n"
+        "print('ok')\n"
     )
     env = {**os.environ, "LLM_COMPRESSOR_LOG_DISABLED": "true"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -101,3 +101,9 @@ def test_cli_list_prints_plugin_text_verbatim():
     res = CliRunner().invoke(main, ["list", "quantizers"])
     assert res.exit_code == 0
     assert "[gptqmodel]" in " ".join(res.output.split())  # not swallowed as rich markup
+
+
+def test_cli_errors_print_brackets_verbatim(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUBENCH_HOME", str(tmp_path))
+    res = CliRunner().invoke(main, ["run", "--method", "ga[bold]", "--results", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "'ga[bold]'" in res.output  # rich markup must not eat the name

@@ -26,6 +26,7 @@ DEFAULT_IGNORE names for the other quantizers), so there is no `ignore` knob her
 
 from __future__ import annotations
 
+import importlib.util
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -43,11 +44,15 @@ BLOCKSIZE_4BIT = 64  # bitsandbytes' default (quantize_4bit, Params4bit); transf
 INT8_LEVELS = 127
 
 
+MISSING = ("the bitsandbytes quantizers need bitsandbytes, qubench's optional extra 'bnb': "
+           "pip install 'qubench[bnb]'")
+
+
 def _bnb():
     try:
         import bitsandbytes
-    except ImportError:
-        raise ConfigError("the bitsandbytes quantizers need bitsandbytes: pip install 'qubench[bnb]'") from None
+    except ImportError as exc:
+        raise ConfigError(f"{MISSING} ({exc})") from None
     return bitsandbytes
 
 
@@ -84,6 +89,11 @@ class BnbQuantizer(Quantizer):
     """Shared load / save / dequantize logic; subclasses give the BitsAndBytesConfig."""
 
     bits: ClassVar[int]
+
+    def __init__(self, config: PluginConfig | None = None):
+        super().__init__(config)
+        if importlib.util.find_spec("bitsandbytes") is None:  # fail before any work, without the import cost
+            raise ConfigError(MISSING)
 
     def _bnb_config(self):
         raise NotImplementedError

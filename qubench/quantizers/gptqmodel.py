@@ -18,6 +18,8 @@ formats: GPTQ ("gptq", fp16 scales) and AWQ ("gemm", bf16 model), as vLLM loads 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import time
 from importlib.metadata import version
@@ -35,13 +37,39 @@ from qubench.quantizers.llmc import calibration_rows, calibration_spec, is_narro
 CPU_WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
 
 
+MISSING = ("the gptqmodel quantizers need GPT-QModel, qubench's optional extra 'gptqmodel': "
+           "pip install 'qubench[gptqmodel]'")
+
+
+def _require_gptqmodel() -> None:
+    """Fail at plugin creation, before any work, when the optional package is absent
+    (a lookup only: importing GPT-QModel takes seconds and happens when it is used)."""
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise ConfigError(MISSING)
+
+
 def _gptqmodel():
     os.environ.setdefault(CPU_WORKERS_ENV, str(min(2, os.cpu_count() or 1)))
     try:
         import gptqmodel
-    except ImportError as exc:
-        raise ConfigError(f"the gptqmodel quantizers need GPT-QModel: pip install 'qubench[gptqmodel]' ({exc})") from None
+    except ImportError as exc:  # present but unusable, e.g. a broken dependency
+        raise ConfigError(f"{MISSING} ({exc})") from None
     return gptqmodel
+
+
+@contextlib.contextmanager
+def _layer_logs_in(folder: Path):
+    """GPT-QModel writes per-layer fit logs to ./logs of whatever the current directory is
+    (a fixed module-level path); they go with the checkpoint instead, beside the quant_log.csv
+    it writes there itself."""
+    from gptqmodel.looper import loop_processor
+
+    default = loop_processor._PROJECT_LOG_DIR
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = default
 
 
 class GPTQModelConfig(PluginConfig):
@@ -65,6 +93,10 @@ class GPTQModelQuantizer(Quantizer):
     # GPT-QModel's packing kernels for AWQ take only 16-bit models; its GPTQ runs in float32,
     # which leaves the unquantized embeddings and lm_head exactly as they were.
     fit_dtype: ClassVar[torch.dtype]
+
+    def __init__(self, config: PluginConfig | None = None):
+        super().__init__(config)
+        _require_gptqmodel()
 
     def _quantize_config(self, narrow: list[str]):
         raise NotImplementedError
@@ -105,10 +137,11 @@ class GPTQModelQuantizer(Quantizer):
                                         self.config.max_seq_length)
         model = gptqmodel.GPTQModel.load(str(model_dir), self._quantize_config(narrow), device="cpu",
                                          dtype=self.fit_dtype)
-        # Our rows are already chosen and truncated: keep every one (GPT-QModel drops rows
-        # shorter than 10 tokens by default) and use its portable torch kernels on CPU.
-        model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1,
-                       calibration_data_min_length=2, backend=gptqmodel.BACKEND.TORCH)
+        with _layer_logs_in(Path(out_dir) / "gptqmodel_logs"):
+            # Our rows are already chosen and truncated: keep every one (GPT-QModel drops rows
+            # shorter than 10 tokens by default) and use its portable torch kernels on CPU.
+            model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1,
+                           calibration_data_min_length=2, backend=gptqmodel.BACKEND.TORCH)
         model.save(str(out_dir))
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
         return QuantOutcome(seconds=time.perf_counter() - start, size_bytes=folder_size(out_dir),
