@@ -52,3 +52,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def original(tiny_model_dir) -> dict[str, torch.Tensor]:
+    """The tiny model's weights before any quantization."""
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def quantize_once(tiny_model_dir, tmp_path_factory):
+    """Quantize the tiny model once per (class, params, calibration) and reuse the folder across tests."""
+    import json
+
+    done = {}
+
+    def get(cls, calibration=(), **params):
+        key = (cls.name, json.dumps(params, sort_keys=True), tuple(calibration))
+        if key not in done:
+            quant = cls.from_params(params)
+            out = tmp_path_factory.mktemp(cls.name) / "ckpt"
+            done[key] = (quant, out, quant.quantize(tiny_model_dir, out, calibration=list(calibration)))
+        return done[key]
+
+    return get

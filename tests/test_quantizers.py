@@ -33,24 +33,9 @@ def is_quantized(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def original(tiny_model_dir) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny_model_dir, tmp_path_factory):
-    """Quantize the tiny model once per (class, params) and reuse the folder across tests."""
-    done = {}
-
-    def get(cls, **params):
-        key = (cls.name, json.dumps(params, sort_keys=True))
-        if key not in done:
-            quant = cls.from_params(params)
-            out = tmp_path_factory.mktemp(cls.name) / "ckpt"
-            done[key] = (quant, out, quant.quantize(tiny_model_dir, out, calibration=[]))
-        return done[key]
-
-    return get
+def quantized(quantize_once):
+    """RTN is data-free: quantize without calibration texts."""
+    return lambda cls, **params: quantize_once(cls, (), **params)
 
 
 def test_entry_points_resolve_to_the_quantizers():

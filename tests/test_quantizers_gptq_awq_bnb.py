@@ -38,24 +38,9 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
-def original(tiny_model_dir) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny_model_dir, tmp_path_factory):
-    """Quantize the tiny model once per (class, params, calibration) and reuse the folder."""
-    done = {}
-
-    def get(cls, calibration=CALIBRATION, **params):
-        key = (cls.name, json.dumps(params, sort_keys=True), tuple(calibration))
-        if key not in done:
-            quant = cls.from_params(params)
-            out = tmp_path_factory.mktemp(cls.name) / "ckpt"
-            done[key] = (quant, out, quant.quantize(tiny_model_dir, out, calibration=list(calibration)))
-        return done[key]
-
-    return get
+def quantized(quantize_once):
+    """GPTQ/AWQ calibrate: quantize with the test's calibration texts unless a test passes others."""
+    return lambda cls, calibration=CALIBRATION, **params: quantize_once(cls, calibration, **params)
 
 
 def levels(weights, name: str) -> torch.Tensor:
