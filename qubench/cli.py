@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +62,11 @@ def main() -> None:
 @click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE", help="Task parameter (repeatable).")
 @click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE", help="Method parameter.")
 @click.option("--quant-param", "quant_params", multiple=True, metavar="KEY=VALUE", help="Quantizer parameter.")
+@click.option("--engine-param", "engine_params", multiple=True, metavar="KEY=VALUE",
+              help="Engine parameter, e.g. python=/path/to/vllm-venv/bin/python for --engine vllm.")
+@click.option("--vllm-python", default=None, metavar="PATH",
+              help="Python of the environment with vLLM, for --engine vllm (default $QUBENCH_VLLM_PYTHON, "
+                   "else this python). Not part of the run's identity.")
 @click.option("--model", default=None, help="Existing target model: local folder or hub ID.")
 @click.option("--retrain-model", default=None, help="Existing retrain reference model: folder or hub ID.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -70,16 +76,25 @@ def main() -> None:
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of tables.")
-def run(task, method, quant, engine, task_params, method_params, quant_params, model, retrain_model, seed,
-        batch_size, dtype, limit, results_dir, force, as_json) -> None:
+def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
+        retrain_model, seed, batch_size, dtype, limit, results_dir, force, as_json) -> None:
     """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
     from qubench import pipeline
+
+    if vllm_python is not None:
+        if engine != "vllm":
+            raise click.BadParameter("only applies to --engine vllm", param_hint="--vllm-python")
+        # Through the environment rather than the spec: where vLLM is installed does not change
+        # what is measured, so it stays out of the run ID (the engine still records it in results).
+        from qubench.engines.vllm_server import PYTHON_ENV
+
+        os.environ[PYTHON_ENV] = vllm_python
 
     spec = RunSpec(
         task=PluginRef(name=task, params=_params(task_params)),
         method=PluginRef(name=method, params=_params(method_params)),
         quant=PluginRef(name=quant, params=_params(quant_params)),
-        engine=PluginRef(name=engine), model=model, retrain_model=retrain_model, seed=seed,
+        engine=PluginRef(name=engine, params=_params(engine_params)), model=model, retrain_model=retrain_model, seed=seed,
         batch_size=batch_size, dtype=dtype, eval_limit=limit,
     )
     log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
@@ -98,8 +113,10 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, m
 @click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE")
 @click.option("--model", default=None, help="Use an existing target model instead of training one.")
 @click.option("--retrain-model", default=None)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Run seed: models trained here use the task's recipe seed + this (as `run --seed` does).")
 @click.option("--json", "as_json", is_flag=True)
-def prepare(task, task_params, model, retrain_model, as_json) -> None:
+def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
     from qubench.models.prepare import prepare_models, prepare_task
     from qubench.tasks import muse_layout
@@ -107,7 +124,8 @@ def prepare(task, task_params, model, retrain_model, as_json) -> None:
     try:
         plugin = registry.create("tasks", task, _params(task_params))
         data_dir = prepare_task(plugin)
-        models = prepare_models(plugin, muse_layout.load(data_dir), model, retrain_model, progress=not as_json)
+        models = prepare_models(plugin, muse_layout.load(data_dir), model, retrain_model, progress=not as_json,
+                                seed=seed)
     except QubenchError as exc:
         _fail(exc)
     info = {"task": task, "data_dir": str(data_dir), "target": str(models.target_dir),
@@ -159,3 +177,232 @@ def show(result_file, as_json) -> None:
         out.print_json(result.model_dump_json())
     else:
         print_result(out, result, result_file)
+
+
+@main.command()
+@click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Grid spec YAML: tasks, methods, quantizers (names or {name, params, label}), seeds, engine.")
+@click.option("--preset", type=click.Choice(["default", "paper"]),
+              help="default: every built-in method x quantizer on synth-news, 3 seeds; paper: MUSE NEWS/BOOKS (GPU).")
+@click.option("--task", "tasks", multiple=True, help="Task (repeatable; replaces the spec's tasks).")
+@click.option("--method", "methods", multiple=True, help="Method (repeatable; replaces the spec's methods).")
+@click.option("--quant", "quants", multiple=True, help="Quantizer (repeatable; replaces the spec's quantizers).")
+@click.option("--engine", default=None, help="Evaluation engine (default hf).")
+@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE", help="Added to every task.")
+@click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE", help="Added to every method.")
+@click.option("--quant-param", "quant_params", multiple=True, metavar="KEY=VALUE", help="Added to every quantizer.")
+@click.option("--engine-param", "engine_params", multiple=True, metavar="KEY=VALUE")
+@click.option("--seeds", type=int, default=None, help="Run seeds 0..N-1 (default: the spec's, else 0).")
+@click.option("--model", default=None, help="Existing target model for every task: folder or hub ID.")
+@click.option("--retrain-model", default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N probes of each set.")
+@click.option("--results", "results_dir", default="results/grid", show_default=True,
+              type=click.Path(path_type=Path), help="Cell results go to DIR/cells, the aggregate to DIR/aggregate.json.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes (or Ray's local CPUs).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--keep", type=click.Choice(["checkpoints", "results"]), default="checkpoints", show_default=True,
+              help="results: delete the unlearned and quantized checkpoints this grid built once no cell needs them.")
+@click.option("--dry-run", is_flag=True, help="Print how many cells and stages would run and how many are cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or the run summary as JSON on stdout.")
+def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_params, quant_params, engine_params,
+         seeds, model, retrain_model, batch_size, dtype, limit, results_dir, workers, executor, ray_address, keep,
+         dry_run, as_json) -> None:
+    """Run a benchmark grid: tasks x methods x quantizers x seeds, resumable, with seed aggregates.
+
+    Exit status: 0 all cells ok, 1 some cell failed, 2 bad input, 130 interrupted (rerun to continue).
+    """
+    from qubench.grid import aggregate, report, runner
+    from qubench.grid.spec import build_spec
+
+    try:
+        spec = build_spec(spec_file, preset, tasks, methods, quants, engine, _params(task_params),
+                          _params(method_params), _params(quant_params), _params(engine_params), seeds,
+                          model=model, retrain_model=retrain_model, batch_size=batch_size, dtype=dtype,
+                          eval_limit=limit)
+        if dry_run:
+            _, counts = runner.plan(spec, results_dir)
+            if as_json:
+                out.print_json(json.dumps({**counts.as_dict(), "notes": spec.notes}))
+            else:
+                report.print_plan(console, counts, spec.notes, results_dir)
+            return
+        options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json)
+        log = (lambda msg: console.print(escape(msg), highlight=False)) if not as_json else (lambda msg: None)
+        summary = runner.run_grid(spec, options, log)
+    except QubenchError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(summary.as_dict()))
+    else:
+        report.print_summary(console, summary, aggregate.load(Path(summary.aggregate_file)))
+    sys.exit(130 if summary.interrupted else 1 if summary.failed else 0)
+
+
+@main.group()
+def cache() -> None:
+    """List and clean the stage cache (QUBENCH_HOME)."""
+
+
+@cache.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def cache_ls(as_json) -> None:
+    """What the cache holds per stage kind: entries, size, leftovers of interrupted builds."""
+    from rich.table import Table
+
+    from qubench.grid.cache import usage
+
+    found = usage()
+    if as_json:
+        out.print_json(json.dumps(found.as_dict()))
+        return
+    table = Table(title=f"QUBENCH_HOME {escape(found.home)}", title_justify="left")
+    for col in ("kind", "entries", "MiB", "stale temporaries", "stale MiB"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for k in found.kinds:
+        table.add_row(k.kind, str(k.entries), f"{k.bytes / 2**20:.1f}", str(k.stale_temporaries),
+                      f"{k.stale_bytes / 2**20:.1f}")
+    out.print(table)
+    out.print(f"total {found.total_bytes / 2**20:.1f} MiB", highlight=False)
+
+
+@cache.command("clean")
+@click.option("--kind", "kinds", multiple=True,
+              type=click.Choice(["tasks", "models", "unlearned", "quantized", "evals", "all"]),
+              help="Also remove every artifact of this kind (repeatable). Without it: only stale temporaries.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True)
+def cache_clean(kinds, dry_run, as_json) -> None:
+    """Remove leftovers of interrupted builds, and with --kind whole stage kinds (skipping any in use)."""
+    from dataclasses import asdict
+
+    from qubench.grid.cache import KINDS, clean
+
+    chosen = list(KINDS) if "all" in kinds else list(kinds)
+    done = clean(chosen, dry_run=dry_run)
+    if as_json:
+        out.print_json(json.dumps(asdict(done)))
+        return
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{verb} {len(done.removed)} entries, {done.freed_bytes / 2**20:.1f} MiB", highlight=False)
+    if done.skipped_in_use:
+        out.print(f"skipped {len(done.skipped_in_use)} in use by a running job", highlight=False)
+
+
+# --- leaderboard and submissions --------------------------------------------------------------------
+
+@main.command()
+@click.option("--results", "results_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A grid's results folder (repeatable). Default: the reference grid in leaderboard/reference.")
+@click.option("--submissions", "submissions_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of submissions to show beside the results (default: the repository's submissions/).")
+@click.option("--no-submissions", is_flag=True, help="Show the results folders only.")
+@click.option("--port", type=int, default=8501, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) -> None:
+    """Start the leaderboard web page (Streamlit) on the results of a grid and the submissions."""
+    from qubench.leaderboard.launch import streamlit_command
+
+    try:
+        cmd = streamlit_command(list(results_dirs), submissions_dir, no_submissions, port, address)
+    except QubenchError as exc:
+        _fail(exc)
+    console.print(f"leaderboard on http://{address}:{port} (Ctrl+C stops it)", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the Streamlit server (no child process): stopping this process stops the server.
+    os.execv(cmd[0], cmd)
+
+
+@main.command()
+@click.option("--method", required=True, help="The method's entry-point name (from your package).")
+@click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE",
+              help="Method parameter, recorded in submission.yaml (repeatable).")
+@click.option("--preset", default="default", show_default=True, help="The grid preset whose cells are run.")
+@click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A grid spec file instead of a preset (recorded as a custom grid).")
+@click.option("--seeds", type=int, default=None, help="Run seeds 0..N-1 instead of the preset's.")
+@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE", help="Added to every task.")
+@click.option("--quant-param", "quant_params", multiple=True, metavar="KEY=VALUE", help="Added to every quantizer.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N probes of each set.")
+@click.option("--name", default=None, help="Submission folder name (default: the package name).")
+@click.option("--out", "out_root", default="submissions", show_default=True, type=click.Path(path_type=Path))
+@click.option("--author", "authors", multiple=True, help="Author (repeatable; default: the package metadata).")
+@click.option("--license", "license_", default=None, help="Licence (default: the package metadata).")
+@click.option("--source", default=None,
+              help="What `pip install` is given to install the package: a requirement (default NAME==VERSION) "
+                   "or a path relative to the submission folder, e.g. '.'.")
+@click.option("--workers", type=int, default=1, show_default=True)
+def submit(method, method_params, preset, spec_file, seeds, task_params, quant_params, limit, name, out_root, authors,
+           license_, source, workers) -> None:
+    """Run the standard grid for a third-party method and write submissions/<name>/."""
+    from qubench.submissions.submit import submit as run_submit
+
+    overrides = {"seeds": seeds, "task_params": _params(task_params), "quant_params": _params(quant_params),
+                 "eval_limit": limit}
+    try:
+        done = run_submit(method, _params(method_params), out_root, name=name, preset=preset, spec_file=spec_file,
+                          overrides=overrides, authors=list(authors), license_=license_, source=source,
+                          workers=workers, log=lambda msg: console.print(escape(msg), highlight=False))
+    except QubenchError as exc:
+        _fail(exc)
+    out.print(f"wrote {escape(str(done.folder))} ({done.cells} cells)", highlight=False)
+    if done.failed:
+        console.print(f"[red]{len(done.failed)} cell(s) failed[/red]: {escape(', '.join(done.failed))}; "
+                      "run the same command again to retry them (finished cells are kept)", highlight=False)
+        sys.exit(1)
+    out.print(f"next: qubench validate {escape(str(done.folder))}", highlight=False)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-install", is_flag=True, help="Check the plugin installed here instead of installing the "
+                                                   "declared package into a scratch folder.")
+@click.option("--json", "as_json", is_flag=True)
+def validate(folder, no_install, as_json) -> None:
+    """Check a submission folder and print every problem at once (exit status 1 if there is any)."""
+    from qubench.submissions.validate import validate as run_validate
+
+    problems = run_validate(folder, install=not no_install)
+    if as_json:
+        out.print_json(json.dumps({"folder": str(folder), "valid": not problems, "problems": problems}))
+    elif problems:
+        console.print(f"[bold red]{escape(str(folder))}: {len(problems)} problem(s)[/bold red]")
+        for problem in problems:
+            console.print(f"  - {escape(problem)}", highlight=False)
+    else:
+        out.print(f"{escape(str(folder))}: valid", highlight=False)
+    sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cells", type=int, default=1, show_default=True, help="How many randomly chosen cells to re-run.")
+@click.option("--seed", type=int, default=None, help="Seed of the random choice (default: a fresh one, recorded).")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="Largest accepted |submitted - re-run| on the 0-100 scales (ROUGE, accuracy, PrivLeak).")
+@click.option("--auc-tolerance", type=float, default=0.01, show_default=True, help="The same on AUC (0-1).")
+@click.option("--no-install", is_flag=True, help="Use the plugin installed here (same package and version).")
+@click.option("--json", "as_json", is_flag=True)
+def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, as_json) -> None:
+    """Re-run N random cells of a submission and record whether its numbers hold (verification.yaml)."""
+    from qubench.submissions.schema import Tolerance
+    from qubench.submissions.verify import verify as run_verify
+
+    try:
+        record = run_verify(folder, cells, seed, Tolerance(points=tolerance, auc=auc_tolerance),
+                            install=not no_install, log=lambda msg: console.print(escape(msg), highlight=False))
+    except QubenchError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(record.model_dump_json())
+    else:
+        for check in record.cells:
+            for mismatch in check.mismatches:
+                console.print(f"  {escape(check.cell)}: {escape(mismatch)}", highlight=False)
+        verdict = "[green]verified[/green]" if record.verified else "[bold red]NOT verified[/bold red]"
+        out.print(f"{escape(str(folder))}: {verdict} ({len(record.cells)} of {record.cells_in_grid} cells re-run, "
+                  f"tolerance {tolerance:g} points / {auc_tolerance:g} AUC, selection seed {record.selection_seed})")
+    sys.exit(0 if record.verified else 1)

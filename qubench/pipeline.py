@@ -80,14 +80,14 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         data = muse_layout.load(data_dir)
         result.data_hashes = data.file_hashes()
         models: PreparedModels = timer("prepare_models", prepare_models, plugins.task, data, spec.model,
-                                       spec.retrain_model, progress)
+                                       spec.retrain_model, progress, seed=spec.seed)
         stage = "unlearn"
         unlearned_dir = timer("unlearn", _unlearn, plugins.method, spec, models, data, log, progress)
         stage = "quantize"
         q_target = timer("quantize", _quantize, plugins.quant, models.target_dir, data, log)
         q_unlearned = timer("quantize", _quantize, plugins.quant, unlearned_dir, data, log)
         stage = "evaluate"
-        evals = EvalStage(plugins.engine, spec, data, data_dir, log)
+        evals = SharedEvalStage(plugins.engine, spec, data, data_dir, log, plugins.task.published_auc_retrain)
         measured = timer("evaluate", evals.measure_all, models, unlearned_dir, plugins.quant, q_target, q_unlearned)
         stage = "score"
         result.metrics = score(measured)
@@ -95,6 +95,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
                                    unlearned_dir, q_target, q_unlearned)
         result.unlearning = _read_unlearn_log(unlearned_dir)
         result.resolved = _resolved(plugins, models, unlearned_dir, q_target, q_unlearned, measured)
+        result.resolved["seed"] = _seed_use(spec, models)
         result.status = "ok"
     except Exception as exc:
         result.error = results.ErrorInfo(stage=stage, type=type(exc).__name__, message=str(exc),
@@ -112,6 +113,29 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
     return result
 
 
+class SharedEvalStage(EvalStage):
+    """The evaluate stage with one lock per measurement: parallel grid workers that need the same
+    measurement (the target's, shared by every method) compute it once; the others wait, then read it."""
+
+    def cache_path(self, model_dir: Path) -> Path:
+        # The file EvalStage.measure stores the measurement in (tests/test_grid.py checks that a
+        # finished grid's plan finds every evaluation cached, so a change there cannot go unnoticed).
+        key = store.stable_hash({"model": model_fingerprint(model_dir), **self.settings})
+        return store.home() / "evals" / f"{key}.json"
+
+    def measure(self, label: str, model_dir: Path, loader) -> dict[str, float | None]:
+        with store.locked(self.cache_path(model_dir)):
+            return super().measure(label, model_dir, loader)
+
+
+def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:
+    """What the run's seed varied, for the record."""
+    return {"run": spec.seed, "unlearning": spec.seed,
+            "target_training": models.recipe["seed"] if models.recipe else None,
+            "note": ("target and retrain trained here with recipe seed = task recipe seed + run seed"
+                     if models.recipe else "existing target/retrain models: the seed varies unlearning only")}
+
+
 class RunFailed(QubenchError):
     def __init__(self, result: results.RunResult, path: Path):
         err = result.error
@@ -120,10 +144,15 @@ class RunFailed(QubenchError):
         self.path = path
 
 
+def unlearned_path(method, seed: int, target_dir: Path) -> Path:
+    """Where the model unlearned from `target_dir` by `method` with `seed` is cached."""
+    key = store.stable_hash({"target": model_fingerprint(target_dir), "method": method.name,
+                             "params": method.params(), "seed": seed})
+    return store.home() / "unlearned" / f"{method.name}-{key}"
+
+
 def _unlearn(method, spec: RunSpec, models: PreparedModels, data, log: Log, progress: bool) -> Path:
-    key = store.stable_hash({"target": model_fingerprint(models.target_dir), "method": method.name,
-                             "params": method.params(), "seed": spec.seed})
-    path = store.home() / "unlearned" / f"{method.name}-{key}"
+    path = unlearned_path(method, spec.seed, models.target_dir)
     if not path.exists():
         log(f"unlearning with {method.name} ...")
     ctx = lambda tmp: method.unlearn(UnlearnContext(models.target_dir, models.retrain_dir, data, tmp, spec.seed,
@@ -154,11 +183,16 @@ def calibration_texts(data) -> list[str]:
     return list(data.retain or data.privleak_retain)
 
 
+def quantized_path(quant, model_dir: Path, data) -> Path:
+    """Where `model_dir` quantized by `quant` (calibrated on the task's retain corpus) is cached."""
+    key = store.stable_hash({"model": model_fingerprint(model_dir), "quant": quant.name, "params": quant.params(),
+                             "calib": store.stable_hash(calibration_texts(data))})
+    return store.home() / "quantized" / f"{quant.name}-{key}"
+
+
 def _quantize(quant, model_dir: Path, data, log: Log) -> Path:
     calib = calibration_texts(data)
-    key = store.stable_hash({"model": model_fingerprint(model_dir), "quant": quant.name, "params": quant.params(),
-                             "calib": store.stable_hash(calib)})
-    path = store.home() / "quantized" / f"{quant.name}-{key}"
+    path = quantized_path(quant, model_dir, data)
     if not path.exists():
         log(f"quantizing {model_dir.name} with {quant.name} ...")
 
@@ -178,7 +212,7 @@ def _resolved(plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_t
     import json
 
     return {
-        "task": {"name": plugins.task.name, "params": plugins.task.params()},
+        "task": {"name": plugins.task.name, "params": plugins.task.params(), "note": plugins.task.note},
         "method": {"name": plugins.method.name, "params": plugins.method.params()},
         "quant": {"name": plugins.quant.name, "params": plugins.quant.params(), "scheme": plugins.quant.scheme(),
                   "checkpoint": json.loads((q_unlearned / "qubench_quant.json").read_text())},

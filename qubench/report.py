@@ -11,6 +11,10 @@ from rich.table import Table
 from qubench.results import METRIC_HELP, RunResult
 
 
+#: The metrics every MUSE-style task is expected to have; others (cls_*, verbmem_r, ...) are optional.
+MUSE_METRICS = ("verbmem_f", "knowmem_f", "privleak", "knowmem_r")
+
+
 def _fmt(value, pct: bool = False) -> str:
     if value is None:
         return "—"
@@ -35,6 +39,12 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         table.add_row(name, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain), _fmt(row.pre),
                       _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
     console.print(table)
+    if note := result.resolved.get("task", {}).get("note"):
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
+    # Tasks without QA probes (e.g. social-media posts) have no KnowMem: say so instead of a silent gap.
+    absent = [name for name in MUSE_METRICS if name not in result.metrics]
+    if absent:
+        console.print(f"not applicable to this task (no probes in its data): {', '.join(absent)}")
     d = result.diagnostics
     console.print(
         f"mean |Δw| {_sci(d.mean_abs_delta)} · max |Δw| {_sci(d.max_abs_delta)} · mean quant step "

@@ -24,6 +24,11 @@ METRIC_HELP = {
     "verbmem_r": "VerbMem on retain: ROUGE-L F1 x100 on retain text (utility the model should keep; higher = better)",
     "verbmem_holdout": "VerbMem on never-trained holdout text: what a model guesses without memorising (floor)",
     "privleak_auc": "Raw Min-40% AUC, forget (non-member) vs holdout (member)",
+    # The classification view (tasks with classify/ data, e.g. twitter-misinfo): label accuracy x100.
+    "cls_f": "Label accuracy x100 on forget posts (trained on; lower = forgotten, down to cls_holdout)",
+    "cls_holdout": "Label accuracy x100 on never-trained posts of the forget class (the floor forgetting should reach)",
+    "cls_r": "Label accuracy x100 on retain posts (trained on; the model should keep it)",
+    "cls_test": "Label accuracy x100 on a balanced never-trained test split (classification utility)",
 }
 
 

@@ -8,7 +8,10 @@ PrivLeak. The evaluator never touches the model object itself.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -25,6 +28,16 @@ class EngineConfig(PluginConfig):
 
 class Engine(Plugin, ABC):
     Config = EngineConfig
+
+    @contextlib.contextmanager
+    def session(self, model_dir: Path, loader: Callable[[Path], Any]) -> Iterator[Any]:
+        """Make the checkpoint in `model_dir` ready to evaluate; yields the `model` handle that
+        `lm` and `token_logprobs` receive, and releases it afterwards (even on errors).
+
+        In-process engines load it with `loader` (which knows how the quantizer stored it);
+        server engines start a server on the folder and yield a handle to it.
+        """
+        yield loader(model_dir)
 
     @abstractmethod
     def lm(self, model: Any, tokenizer: Any):

@@ -2,8 +2,11 @@
 
 Generation metrics (VerbMem, KnowMem) run as lm-eval tasks from the repo's
 `tasks/qubench_muse` folder through the engine's `LM`; PrivLeak is computed
-here from the engine's per-token log-probs. Nothing is cached to disk and no
-hub access is needed: task data is read from `data_root`.
+here from the engine's per-token log-probs. Tasks with a classification view
+(`classify/` in the data folder) also get label accuracy from the
+`multiple_choice` tasks in `tasks/qubench_classify`, which need the LM's
+loglikelihood. Nothing is cached to disk and no hub access is needed: task
+data is read from `data_root`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ GENERATION_TASKS = {
     "qubench_knowmem_forget": "knowmem_f",
     "qubench_knowmem_retain": "knowmem_r",
 }
+#: lm-eval task -> qubench metric name, for tasks with a classification view (accuracy x100).
+CLASSIFY_TASKS = {
+    "qubench_classify_forget": "cls_f",
+    "qubench_classify_holdout": "cls_holdout",
+    "qubench_classify_retain": "cls_r",
+    "qubench_classify_test": "cls_test",
+}
+CLASSIFY_FOLDER = "qubench_classify"
 _LM_EVAL_METRIC = "rougeL_f1,none"
+_ACC_METRIC = "acc,none"
 
 
 @dataclass
@@ -40,10 +52,12 @@ class EvalReport:
     """MUSE metrics of one model, plus what produced them.
 
     metrics: verbmem_f, verbmem_holdout (None without holdout probes), knowmem_f,
-    knowmem_r on MUSE's 0-100 scale; privleak_auc raw (0-1); privleak in % (None
-    without an AUC_retrain). samples: per probe set, JSON-ready dicts
-    (prompt, gt, output, score in 0-1); privleak_forget/privleak_holdout hold
-    each document's Min-40% score and token count.
+    knowmem_r (absent for tasks without QA probes) on MUSE's 0-100 scale;
+    privleak_auc raw (0-1); privleak in % (None without an AUC_retrain); cls_*
+    label accuracies x100 only for tasks with a classification view. samples: per
+    probe set, JSON-ready dicts (prompt, gt, output, score in 0-1; classification
+    rows add the choices and their loglikelihoods); privleak_forget/privleak_holdout
+    hold each document's Min-40% score and token count.
     """
 
     metrics: dict[str, float | None]
@@ -78,6 +92,16 @@ def evaluate_model(
     optional = {"qubench_verbmem_holdout": data.verbmem_holdout, "qubench_verbmem_retain": data.verbmem_retain}
     tasks = [t for t in GENERATION_TASKS if optional.get(t, True)]
     metrics: dict[str, float | None] = dict.fromkeys(GENERATION_TASKS.values())
+    if not (data.knowmem_forget or data.knowmem_retain):
+        # No facts to ask about (e.g. social-media posts): KnowMem does not apply, so it is left
+        # out rather than reported as a score of zero.
+        tasks = [t for t in tasks if "knowmem" not in t]
+        del metrics["knowmem_f"], metrics["knowmem_r"]
+    if data.classify_format is not None:
+        _require_classify_tasks()
+        sets = {"qubench_classify_forget": data.classify_forget, "qubench_classify_holdout": data.classify_holdout,
+                "qubench_classify_retain": data.classify_retain, "qubench_classify_test": data.classify_test}
+        tasks += [t for t, items in sets.items() if items]
     gen_metrics, samples = _run_generation(engine, model, tokenizer, Path(data_root), tasks, limit)
     metrics.update(gen_metrics)
 
@@ -90,6 +114,12 @@ def evaluate_model(
     metrics["privleak_auc"] = auc
     metrics["privleak"] = None if auc_retrain is None else privleak(auc, auc_retrain)
     return EvalReport(metrics=metrics, samples=samples)
+
+
+def _require_classify_tasks() -> None:
+    if not (tasks_dir() / CLASSIFY_FOLDER).is_dir():
+        raise ConfigError(f"the task data has a classification view but {tasks_dir() / CLASSIFY_FOLDER} "
+                          f"is missing; point ${TASKS_DIR_ENV} at a tasks folder that has it")
 
 
 def privleak_auc(
@@ -132,13 +162,26 @@ def _run_generation(engine, model, tokenizer, data_root: Path, tasks: list[str],
             # Greedy decoding needs no seeds; leaving them None keeps the caller's RNG state intact.
             random_seed=None, numpy_random_seed=None, torch_random_seed=None,
         )
-    metrics = {GENERATION_TASKS[t]: results["results"][t][_LM_EVAL_METRIC] * 100 for t in tasks}
-    samples = {GENERATION_TASKS[t]: _sample_log(t, results["samples"][t]) for t in tasks}
+    metrics, samples = {}, {}
+    for t in tasks:
+        name = GENERATION_TASKS.get(t) or CLASSIFY_TASKS[t]
+        key = _ACC_METRIC if t in CLASSIFY_TASKS else _LM_EVAL_METRIC
+        metrics[name] = results["results"][t][key] * 100
+        samples[name] = _sample_log(t, results["samples"][t])
     return metrics, samples
 
 
 def _sample_log(task: str, logged: list[dict]) -> list[dict[str, Any]]:
     rows = []
+    if task in CLASSIFY_TASKS:
+        for s in sorted(logged, key=lambda s: s["doc_id"]):
+            # One (loglikelihood, is_greedy) pair per choice; the prediction is the likeliest choice.
+            logliks = [float(r[0]) for r in s["filtered_resps"]]
+            choices = s["doc"]["choices"]
+            rows.append({"prompt": s["arguments"][0][0], "gt": s["doc"]["label"], "choices": choices,
+                         "loglikelihoods": logliks, "output": choices[logliks.index(max(logliks))],
+                         "score": s["acc"]})
+        return rows
     for s in sorted(logged, key=lambda s: s["doc_id"]):
         raw = s["filtered_resps"][0]
         row = {"prompt": s["arguments"][0][0], "gt": s["target"], "output": raw, "score": s["rougeL_f1"]}

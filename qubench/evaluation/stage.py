@@ -19,8 +19,6 @@ from qubench.specs import RunSpec
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 EVAL_CODE_VERSION = 1
-# MUSE's published AUC of its retrain models (Min-40%, forget vs holdout), used when no retrain model is evaluated.
-MUSE_AUC_RETRAIN = {"news": 0.4772, "books": 0.5393}
 
 
 @dataclass
@@ -40,8 +38,9 @@ def _suite_hash() -> str:
 
 
 class EvalStage:
-    def __init__(self, engine, spec: RunSpec, data, data_dir: Path, log):
+    def __init__(self, engine, spec: RunSpec, data, data_dir: Path, log, published_auc_retrain: float | None = None):
         self.engine, self.spec, self.data, self.data_dir, self.log = engine, spec, data, data_dir, log
+        self.published_auc_retrain = published_auc_retrain
         self.settings = {"engine": engine.name, "engine_params": engine.params(), "engine_version": engine.version(),
                          "limit": spec.eval_limit, "dtype": spec.dtype, "suite": _suite_hash(),
                          "data": store.stable_hash(data.file_hashes()), "v": EVAL_CODE_VERSION}
@@ -56,14 +55,17 @@ class EvalStage:
         by_model["post"] = self.measure(f"unlearned/{quant.name}", q_unlearned, loader=quant.load_quantized)
         if "retrain" in by_model:
             auc_ref = {"auc_retrain": by_model["retrain"]["privleak_auc"], "source": "retrain model evaluated"}
+        elif self.published_auc_retrain is not None:
+            auc_ref = {"auc_retrain": self.published_auc_retrain,
+                       "source": f"published constant of task {self.spec.task.name} (no retrain model evaluated)"}
         else:
-            corpus = "books" if "books" in self.spec.task.name else "news"
-            auc_ref = {"auc_retrain": MUSE_AUC_RETRAIN[corpus], "source": f"MUSE published constant ({corpus})"}
+            auc_ref = {"auc_retrain": None, "source": "none: no retrain model and no published AUC_retrain"}
         from qubench.evaluation.metrics import privleak
 
         for metrics in by_model.values():
             auc = metrics.get("privleak_auc")
-            metrics["privleak"] = None if auc is None else privleak(auc, auc_ref["auc_retrain"])
+            ref = auc_ref["auc_retrain"]
+            metrics["privleak"] = None if auc is None or ref is None else privleak(auc, ref)
         return Measured(by_model, auc_ref)
 
     def measure(self, label: str, model_dir: Path, loader) -> dict[str, float | None]:
@@ -76,10 +78,10 @@ class EvalStage:
 
         from qubench.evaluation.evaluate import evaluate_model
 
-        model = loader(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        report = evaluate_model(self.engine, model, tokenizer, self.data, self.data_dir, auc_retrain=None,
-                                limit=self.spec.eval_limit)
+        with self.engine.session(model_dir, loader) as model:
+            report = evaluate_model(self.engine, model, tokenizer, self.data, self.data_dir, auc_retrain=None,
+                                    limit=self.spec.eval_limit)
         metrics = {k: v for k, v in report.metrics.items() if k != "privleak"}
         store.write_json_atomic(path, {"label": label, "model_dir": str(model_dir), "settings": self.settings,
                                        "metrics": metrics, "samples": report.samples})

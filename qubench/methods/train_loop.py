@@ -181,6 +181,15 @@ def _check_finite(values: dict[str, float], what: str, step: int, epoch: int, lr
         )
 
 
+def _check_finite_weights(model: torch.nn.Module, steps: int) -> None:
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(
+            f"training diverged: non-finite weights after {steps} optimizer step(s) in {len(bad)} tensor(s), "
+            f"e.g. {bad[0]}. Lower the learning rate, set max_grad_norm, or take fewer steps."
+        )
+
+
 def _progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -275,6 +284,7 @@ def train(
             if step >= total_steps:
                 break
 
+    _check_finite_weights(model, step)  # the last step's update is checked by no later loss
     for hook in hooks:
         hook.after_training(session)
     model = session.model

@@ -35,10 +35,20 @@ class PreparedModels:
     recipe: dict | None  # the training recipe, when trained here
 
 
+def task_dir(task: Task) -> Path:
+    """Where the task's data folder is cached (it may not exist yet)."""
+    key = f"{task.name}-{store.stable_hash({'params': task.params(), 'v': TASK_LAYOUT_VERSION, **_source(task)})}"
+    return store.home() / "tasks" / key
+
+
 def prepare_task(task: Task) -> Path:
     """Materialise the task's data folder once per (task, parameters)."""
-    key = f"{task.name}-{store.stable_hash({'params': task.params(), 'v': TASK_LAYOUT_VERSION})}"
-    return store.cached_dir(store.home() / "tasks" / key, task.materialize)
+    return store.cached_dir(task_dir(task), task.materialize)
+
+
+def _source(task: Task) -> dict:
+    fingerprint = task.source_fingerprint()
+    return {} if fingerprint is None else {"source": fingerprint}  # keeps existing cache keys of other tasks
 
 
 def resolve_model(ref: str) -> Path:
@@ -61,10 +71,36 @@ def resolve_model(ref: str) -> Path:
         ) from None
 
 
-def prepare_models(
-    task: Task, data: TaskData, model: str | None = None, retrain_model: str | None = None, progress: bool = True
-) -> PreparedModels:
+def seeded_recipe(task: Task, seed: int = 0) -> TrainRecipe | None:
+    """The task's training recipe for run seed `seed`, or None when the task trains no models.
+
+    A run's seed varies everything the harness itself draws at random: for tasks whose target and
+    retrain models are trained here, their initialisation and data order (recipe seed + run seed)
+    as well as the unlearning. Seed 0 is the task's own recipe, so existing caches stay valid.
+    The task data itself stays fixed by the task's parameters: every seed sees the same benchmark.
+    """
     recipe = task.train_recipe()
+    if recipe is None or seed == 0:
+        return recipe
+    return recipe.model_copy(update={"seed": recipe.seed + seed})
+
+
+def trained_models_dir(task: Task, data: TaskData, recipe: TrainRecipe) -> Path:
+    """Where the target/retrain pair trained with `recipe` is cached (it may not exist yet)."""
+    key = store.stable_hash(
+        # Only what the models are trained on: new probe files must not invalidate trained models.
+        {"forget": store.stable_hash(data.forget), "retain": store.stable_hash(data.retain),
+         "generic": store.stable_hash(task.generic_corpus()),
+         "recipe": recipe.model_dump(), "v": TRAINING_CODE_VERSION}
+    )
+    return store.home() / "models" / f"{task.name}-{key}"
+
+
+def prepare_models(
+    task: Task, data: TaskData, model: str | None = None, retrain_model: str | None = None, progress: bool = True,
+    seed: int = 0,
+) -> PreparedModels:
+    recipe = seeded_recipe(task, seed)
     if model is not None or recipe is None:
         target_ref = model or task.default_target
         if target_ref is None:
@@ -77,14 +113,8 @@ def prepare_models(
             retrain_id=retrain_ref,
             recipe=None,
         )
-    key = store.stable_hash(
-        # Only what the models are trained on: new probe files must not invalidate trained models.
-        {"forget": store.stable_hash(data.forget), "retain": store.stable_hash(data.retain),
-         "generic": store.stable_hash(task.generic_corpus()),
-         "recipe": recipe.model_dump(), "v": TRAINING_CODE_VERSION}
-    )
     root = store.cached_dir(
-        store.home() / "models" / f"{task.name}-{key}",
+        trained_models_dir(task, data, recipe),
         lambda tmp: _train_pair(task, data, recipe, tmp, progress),
     )
     return PreparedModels(root / "target", root / "retrain", str(root / "target"), str(root / "retrain"),

@@ -8,9 +8,11 @@ the synthetic default and the real MUSE data:
     verbmem/forget.json                                [{prompt, gt}]
     verbmem/holdout.json   (optional, qubench's own)   [{prompt, gt}] on never-trained documents
     verbmem/retain.json    (optional, qubench's own)   [{prompt, gt}] on retain documents (utility)
-    knowmem/forget_qa.json, knowmem/retain_qa.json     [{question, answer}]
+    knowmem/forget_qa.json, knowmem/retain_qa.json     [{question, answer}]  (optional: absent = no KnowMem)
     knowmem/forget_qa_icl.json, knowmem/retain_qa_icl.json
     privleak/forget.json, privleak/retain.json, privleak/holdout.json   [str]
+    classify/format.json   (optional, qubench's own)   {prompt with {text}, choices}
+    classify/{forget,holdout,retain,test}.json          [{text, label}]  (see qubench.tasks.classify)
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 from abc import abstractmethod
 from pathlib import Path
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from qubench.plugin import Plugin
 
@@ -50,12 +52,35 @@ class TrainRecipe(BaseModel):
     save_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+def _check_recipe(overrides: dict[str, Any]) -> dict[str, Any]:
+    TrainRecipe.model_validate(overrides)  # unknown keys and bad values fail here, before any work
+    return overrides
+
+
+#: A task parameter holding overrides of its model-training recipe (keys of TrainRecipe).
+RecipeOverrides = Annotated[dict[str, Any], AfterValidator(_check_recipe), Field(default_factory=dict)]
+
+
+def with_overrides(preset: TrainRecipe, overrides: dict[str, Any]) -> TrainRecipe:
+    """`preset` with the keys the user set in `overrides` replaced."""
+    return preset.model_copy(update=TrainRecipe.model_validate(overrides).model_dump(exclude_unset=True))
+
+
 class Task(Plugin):
     """A task writes its data in the MUSE layout and says how its models are obtained."""
 
     #: Hub IDs (or None) of the task's standard target and retrain models.
     default_target: str | None = None
     default_retrain: str | None = None
+    #: Shown with every result of the task (e.g. "scaled-down replica, not the paper's numbers").
+    note: str | None = None
+    #: A published AUC of the task's retrain model (PrivLeak's reference) for runs without one.
+    published_auc_retrain: float | None = None
+
+    def source_fingerprint(self) -> str | None:
+        """A hash of external data the task reads (a local folder, say), so that changed files
+        rebuild the task folder; None when the parameters alone determine the data."""
+        return None
 
     @abstractmethod
     def materialize(self, out_dir: Path) -> None:

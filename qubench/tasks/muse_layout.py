@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench.errors import DataError
+from qubench.tasks import classify
+from qubench.tasks.classify import ClassifyFormat, ClassifyItem
 
 DOC_SEPARATOR = "\n\n\n"  # between documents in raw/*.txt (documents may hold single blank lines)
 
@@ -44,6 +46,12 @@ class TaskData:
     privleak_holdout: list[str]
     verbmem_holdout: list[VerbMemProbe] = field(default_factory=list)  # qubench's own, optional
     verbmem_retain: list[VerbMemProbe] = field(default_factory=list)   # qubench's own, optional
+    # The optional classification view (qubench.tasks.classify): None/empty for tasks without one.
+    classify_format: ClassifyFormat | None = None
+    classify_forget: list[ClassifyItem] = field(default_factory=list)
+    classify_holdout: list[ClassifyItem] = field(default_factory=list)
+    classify_retain: list[ClassifyItem] = field(default_factory=list)
+    classify_test: list[ClassifyItem] = field(default_factory=list)
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every data file, recorded in results so a reader can tell which data was used."""
@@ -82,7 +90,9 @@ def _json(root: Path, rel: str, required: bool = True):
 
 
 def _qa(root: Path, rel: str) -> list[QA]:
-    rows = _json(root, rel)
+    # Optional: tasks without facts to ask about (e.g. social-media posts) have no KnowMem;
+    # the evaluator then skips it instead of scoring empty sets.
+    rows = _json(root, rel, required=False)
     try:
         return [QA(str(r["question"]), str(r["answer"])) for r in rows]
     except (KeyError, TypeError):
@@ -101,6 +111,7 @@ def load(root: Path | str) -> TaskData:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"task data folder {root} does not exist")
+    fmt, sets = classify.load(root)
     return TaskData(
         root=root,
         forget=read_docs(root / "raw/forget.txt"),
@@ -116,4 +127,6 @@ def load(root: Path | str) -> TaskData:
         privleak_holdout=_json(root, "privleak/holdout.json"),
         verbmem_holdout=_verbmem(root, "verbmem/holdout.json", required=False),
         verbmem_retain=_verbmem(root, "verbmem/retain.json", required=False),
+        classify_format=fmt,
+        **{f"classify_{split}": items for split, items in sets.items()},
     )

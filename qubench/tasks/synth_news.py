@@ -10,10 +10,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from qubench.plugin import PluginConfig
-from qubench.tasks.base import Task, TrainRecipe
+from qubench.tasks.base import RecipeOverrides, Task, TrainRecipe, with_overrides
 from qubench.tasks.muse_layout import write_docs
 from qubench.tasks.synth_templates import MAX_FACTS_PER_DOC
 from qubench.tasks.synth_world import Article, PhraseIndex, SynthWorld, build_world, choose_questions
@@ -78,13 +78,7 @@ class SynthNews(Task):
         seed: int = 0
         generic_qa: bool = True
         #: Overrides of the preset's model-training recipe (keys of qubench.tasks.base.TrainRecipe).
-        recipe: dict[str, Any] = Field(default_factory=dict)
-
-        @field_validator("recipe")
-        @classmethod
-        def _known_recipe_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-            TrainRecipe.model_validate(value)  # unknown keys and bad values fail here, before any work
-            return value
+        recipe: RecipeOverrides
 
     def sizes(self) -> Sizes:
         """The preset for `size`, with every explicit override applied."""
@@ -99,8 +93,7 @@ class SynthNews(Task):
 
     def train_recipe(self) -> TrainRecipe:
         preset = MICRO_RECIPE if self.config.size == "micro" else TrainRecipe()
-        return preset.model_copy(update=TrainRecipe.model_validate(self.config.recipe).model_dump(
-            exclude_unset=True))
+        return with_overrides(preset, self.config.recipe)
 
     def generic_corpus(self) -> list[str]:
         """Generic articles, plus (with `generic_qa`) question-answer sheets about their facts in

@@ -1,0 +1,76 @@
+"""`--executor ray`: groups as Ray tasks, on Ray's own local cluster or on a cluster by address.
+
+On a single machine `ray.init()` starts a local instance (or joins the one already started in
+this process). On a cluster (`--ray-address`), QUBENCH_HOME and the results folder must be on a
+filesystem every node sees: workers share stages through the cache and write results there. A
+task whose worker dies is not retried (`max_retries=0`); its unfinished cells are recorded as
+failed and the other groups go on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from qubench.errors import ConfigError
+from qubench.grid.executors.base import CellOutcome, Executor, GroupJob, Report, fill_missing, run_group
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install -e '.[ray]'") from None
+    return ray
+
+
+def _run_group_task(job: GroupJob) -> list[CellOutcome]:
+    from qubench.quiet import quiet_libraries
+
+    quiet_libraries()
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    outcomes: list[CellOutcome] = []
+    run_group(job, outcomes.append)
+    return outcomes
+
+
+class RayExecutor(Executor):
+    def __init__(self, address: str | None = None, workers: int = 1):
+        self.address = address
+        self.workers = workers  # only used to size a local instance this executor starts
+
+    def run(self, jobs: list[GroupJob], report: Report, group_done: Callable[[GroupJob], None]) -> None:
+        ray = _ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            kwargs = {"include_dashboard": False, "log_to_driver": False}
+            if self.address is None and self.workers > 1:
+                kwargs["num_cpus"] = self.workers
+            ray.init(address=self.address, **kwargs)
+        # Environment a worker needs, whoever started the cluster: the cache location and the
+        # driver's thread setting (a local instance does not always forward the driver's env).
+        env = {k: os.environ[k] for k in ("QUBENCH_HOME", "OMP_NUM_THREADS") if k in os.environ}
+        task = ray.remote(num_cpus=1, max_retries=0)(_run_group_task).options(runtime_env={"env_vars": env})
+        futures = {task.remote(job): job for job in jobs}
+        try:
+            while futures:
+                done, _ = ray.wait(list(futures), num_returns=1)
+                job = futures.pop(done[0])
+                seen: set[str] = set()
+                try:
+                    for outcome in ray.get(done[0]):
+                        seen.add(outcome.cell_id)
+                        report(outcome)
+                    reason = "Ray task ended without reporting this cell"
+                except Exception as exc:  # the worker died or the task could not run
+                    reason = f"Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                fill_missing(job, seen, reason, report)
+                group_done(job)
+        finally:
+            for ref in futures:
+                ray.cancel(ref, force=True)
+            if started_here:
+                ray.shutdown()

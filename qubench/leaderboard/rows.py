@@ -1,0 +1,191 @@
+"""One leaderboard row per (source, run spec without the seed): the mean over seeds with the grid's
+bootstrap interval (qubench.grid.aggregate.bootstrap_mean, so the numbers match `aggregate.json`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qubench import store
+from qubench.leaderboard.data import Board, Run, Source
+from qubench.results import RunResult
+
+try:  # the grid's own estimator; without it rows show means and no interval
+    from qubench.grid.aggregate import bootstrap_mean
+except ImportError:  # pragma: no cover - the grid package ships with qubench
+    bootstrap_mean = None
+
+FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
+BASELINE_METHODS = ("target", "retrain")
+
+
+class TaskView(BaseModel):
+    """Which metrics stand for forgetting and utility on a kind of task."""
+
+    forget: str
+    forget2: str | None
+    utility: str
+
+
+#: In order of preference: the first view whose forget metric a run has is used.
+VIEWS = (TaskView(forget="verbmem_f", forget2="knowmem_f", utility="knowmem_r"),
+         TaskView(forget="cls_f", forget2=None, utility="cls_test"))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stat(Strict):
+    mean: float | None = None
+    low: float | None = None    # bootstrap interval over seeds; None with one seed
+    high: float | None = None
+    n: int = 0
+
+
+class MetricStats(Strict):
+    name: str
+    values: dict[str, Stat]     # per FIELDS entry
+
+    def mean(self, field: str) -> float | None:
+        return self.values[field].mean
+
+
+class Row(Strict):
+    key: str
+    source: str
+    badge: str
+    verified: bool
+    task: str                   # name, with its parameters when there are any
+    method: str
+    composition: str
+    plugin: str                 # distribution and version of the method
+    quantizer: str
+    quant_family: str | None
+    bits: float | None
+    group_size: int | None
+    quant_library: str | None
+    model: str
+    engine: str
+    evaluation: str             # dtype, batch size, probe limit
+    setting: str                # hash of what must be equal for rows to be compared (all but method, seed)
+    seeds: list[int]
+    date: datetime
+    forget: MetricStats | None
+    forget2: MetricStats | None
+    utility: MetricStats | None
+    runs: list[str]             # Run keys, one per seed
+    baseline: bool
+    rank: int | None = None
+    standing: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def build_rows(board: Board) -> list[Row]:
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in board.runs:
+        spec = run.result.spec.model_dump(mode="json")
+        spec.pop("seed")
+        groups[(run.source, store.stable_hash(spec))].append(run)
+    rows = []
+    for (source_name, _), runs in groups.items():
+        runs.sort(key=lambda r: r.result.spec.seed)
+        rows.append(_row(board.source(source_name), runs))
+    return rows
+
+
+def _label(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
+
+
+def _stats(runs: list[Run], metric: str | None) -> MetricStats | None:
+    if metric is None:
+        return None
+    rows = [r.result.metrics[metric] for r in runs if metric in r.result.metrics]
+    if not rows:
+        return None
+    values = {}
+    for field in FIELDS:
+        xs = [getattr(m, field) for m in rows if getattr(m, field) is not None]
+        if not xs:
+            values[field] = Stat()
+        elif bootstrap_mean is not None:
+            est = bootstrap_mean(xs)
+            values[field] = Stat(mean=est.mean, low=est.ci_low, high=est.ci_high, n=est.n)
+        else:
+            values[field] = Stat(mean=sum(xs) / len(xs), n=len(xs))
+    return MetricStats(name=metric, values=values)
+
+
+@lru_cache(maxsize=1)
+def builtin_methods() -> frozenset[str]:
+    """qubench's own method names, read from its distribution metadata (no plugin is imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        return frozenset(ep.name for ep in distribution("qubench").entry_points if ep.group == "qubench.methods")
+    except PackageNotFoundError:
+        return frozenset()
+
+
+def _plugin(source: Source, result: RunResult) -> str:
+    base = result.spec.method.name.split("+")[0]
+    if source.kind == "submission" and source.package:
+        return f"{source.package} {source.version}"
+    if base in builtin_methods():
+        version = (result.environment.get("libraries") or {}).get("qubench")
+        return f"qubench {version}" if version else "qubench"
+    return "not recorded"
+
+
+def _composition(result: RunResult) -> str:
+    comp = (result.resolved.get("method") or {}).get("params", {}).get("composition")
+    if isinstance(comp, dict) and comp.get("base"):
+        mods = comp.get("modifiers") or []
+        return " + ".join([str(comp["base"]), *map(str, mods)])
+    return ""
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _row(source: Source, runs: list[Run]) -> Row:
+    first = runs[0].result
+    spec, resolved = first.spec, first.resolved
+    scheme = (resolved.get("quant") or {}).get("scheme") or {}
+    library = scheme.get("library")
+    if library and scheme.get("library_version"):
+        library = f"{library} {scheme['library_version']}"
+    engine = resolved.get("engine") or {}
+    names = {n for r in runs for n in r.result.metrics}
+    view = next((v for v in VIEWS if v.forget in names), None)
+    target = ((resolved.get("models") or {}).get("target") or {})
+    model = spec.model or f"task's own target ({target.get('fingerprint', '?')})"
+    group_size = scheme.get("group_size", scheme.get("block_size"))
+    setting = spec.model_dump(mode="json")
+    for key in ("seed", "method"):
+        setting.pop(key)
+    return Row(
+        key=f"{source.name}/{store.stable_hash([r.key for r in runs])}",
+        source=source.name, badge=source.badge, verified=source.verified,
+        task=_label(spec.task.name, spec.task.params), method=spec.method.name,
+        composition=_composition(first), plugin=_plugin(source, first),
+        quantizer=_label(spec.quant.name, spec.quant.params), quant_family=scheme.get("family"),
+        bits=_number(scheme.get("bits")), group_size=group_size if isinstance(group_size, int) else None,
+        quant_library=library, model=model,
+        engine=f"{spec.engine.name} ({engine['version']})" if engine.get("version") else spec.engine.name,
+        evaluation=", ".join([spec.dtype, f"batch {spec.batch_size}"]
+                             + ([f"first {spec.eval_limit} probes"] if spec.eval_limit else [])),
+        setting=store.stable_hash(setting), seeds=[r.result.spec.seed for r in runs],
+        date=max(r.result.created for r in runs),
+        forget=_stats(runs, view.forget if view else None), forget2=_stats(runs, view.forget2 if view else None),
+        utility=_stats(runs, view.utility if view else None), runs=[r.key for r in runs],
+        baseline=spec.method.name in BASELINE_METHODS,
+    )

@@ -1,0 +1,113 @@
+"""Checks of result files that need no plugin code: digests, spec hashes, derived fields.
+
+Used by `qubench validate` and by the leaderboard, which must never import or run a submission's
+code. A digest detects accidental or naive edits only: anyone can recompute it after editing a
+number. Re-running cells (`qubench verify`) is the real check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from qubench.results import DEFAULT_MIN_FORGETTING, MIN_FORGETTING, RunResult, metric_row
+
+MAX_RESULT_BYTES = 5_000_000
+#: Files a grid writes beside its cells that are not results.
+GRID_FILES = frozenset({"grid.json", "aggregate.json", "last_run.json"})
+#: How closely a stored gap/recovery must follow from the stored pre/post/target values
+#: (they are computed from those very numbers, so only float rounding is allowed).
+DERIVED_TOLERANCE = 1e-6
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file under `folder` (hidden files and folders such as lock files skipped),
+    keyed by its POSIX path relative to `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out[rel.as_posix()] = file_sha256(path)
+    return out
+
+
+def combined_digest(digests: dict[str, str]) -> str:
+    """One digest for a whole set of files (names included)."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def spec_hash_problem(result: RunResult) -> str | None:
+    expected = result.spec.run_id()
+    if result.run_id != expected:
+        return (f"run_id {result.run_id} is not the hash of the spec in the file ({expected}): "
+                "the spec or the run_id was edited")
+    return None
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= DERIVED_TOLERANCE * max(1.0, abs(a), abs(b))
+
+
+def metric_problems(result: RunResult) -> list[str]:
+    """Non-finite numbers, and gaps/recoveries that do not follow from the stored measurements."""
+    problems = []
+    for name, row in result.metrics.items():
+        values = row.model_dump(exclude={"recovery_note"})
+        bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
+        if bad:
+            problems.append(f"metric {name}: non-finite {', '.join(bad)}")
+            continue
+        expected = metric_row(row.pre, row.post, row.target_pre, row.target_post, row.retrain,
+                              MIN_FORGETTING.get(name, DEFAULT_MIN_FORGETTING))
+        for field in ("gap", "recovery"):
+            if not _close(getattr(row, field), getattr(expected, field)):
+                problems.append(f"metric {name}: {field} {getattr(row, field)!r} does not follow from its "
+                                f"pre/post/target values (expected {getattr(expected, field)!r})")
+    return problems
+
+
+def result_files(folder: Path) -> list[Path]:
+    """Every JSON file under `folder` that should be a result: all but the grid's own files and
+    hidden ones (locks, temporaries of an interrupted write)."""
+    folder = Path(folder)
+    return [p for p in sorted(folder.rglob("*.json"))
+            if p.name not in GRID_FILES and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
+def read_result(path: Path) -> tuple[RunResult | None, str, str | None]:
+    """(result, text, None) for a valid result file, else (None, "", reason)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RESULT_BYTES:
+            return None, "", f"file is {size} bytes, more than the {MAX_RESULT_BYTES} a result can have"
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, "", f"unreadable: {type(exc).__name__}: {exc}"
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        return None, "", f"not JSON: {exc}"
+    try:
+        result = RunResult.model_validate_json(text)
+    except ValidationError as exc:
+        errors = exc.errors()
+        shown = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        return None, "", f"not a qubench result: {shown}{more}"
+    problems = [p for p in [spec_hash_problem(result), *metric_problems(result)] if p]
+    if problems:
+        return None, "", "; ".join(problems)
+    return result, text, None
