@@ -2,6 +2,7 @@
 
     python benchmarks/grid_speed.py                       # the `default` preset, 1 seed (hours on 2 cores)
     python benchmarks/grid_speed.py --home /path/to/cache # reuse a cache (then "cold" is only as cold as it)
+    python benchmarks/grid_speed.py --results DIR         # keep the grid's results (leaderboard reference)
     python benchmarks/grid_speed.py -- --task-param size=micro --limit 2 --method-param epochs=1 ...
 
 Phases, each printed with its plan (stages to run / cached), wall time, new cache entries per stage
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--preset", default="default", help="grid preset; \"\" for a grid given by flags after --")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--home", help="QUBENCH_HOME to use (default: a fresh temporary one)")
+    ap.add_argument("--results", help="keep the cold phase's results here (e.g. to ship them as the "
+                    "leaderboard's reference grid); default: a temporary folder")
     ap.add_argument("rest", nargs="*", help="more `qubench grid` options, after --")
     opts = ap.parse_args()
     args = (["--preset", opts.preset] if opts.preset else []) + ["--seeds", opts.seeds, *opts.rest]
@@ -67,8 +70,9 @@ def main() -> None:
         # machine (5 training steps: 7.9 s with 1 thread, 43.7 s with 2, measured under load).
         env.setdefault("OMP_NUM_THREADS", "1")
         print(f"cores: {os.cpu_count()}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, QUBENCH_HOME={home}")
-        cold = phase("cold", args, env, Path(tmp) / "r")
-        warm = phase("warm (same command again)", args, env, Path(tmp) / "r")
+        results = Path(opts.results) if opts.results else Path(tmp) / "r"
+        cold = phase("cold", args, env, results)
+        warm = phase("warm (same command again)", args, env, results)
         rescore = phase("warm cache, new results folder", args, env, Path(tmp) / "r2")
     idle = all(v == 0 for p in (warm, rescore) for k, v in p["summary"]["built"].items() if k != "tasks")
     print(f"\nwarm re-runs trained, quantized and evaluated nothing: {'yes' if idle else 'NO'}")
