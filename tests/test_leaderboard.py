@@ -52,6 +52,26 @@ def test_rows_are_ranked_by_post_forgetting_among_rows_that_keep_utility(tree):
     assert "within 10% of the quantized target's utility" in ranking.RULE
 
 
+def test_the_utility_gate_uses_the_metric_the_task_declares(tmp_path):
+    """synth-news declares VerbMem on retain (its tiny models answer no question): a method that keeps
+    KnowMem_r but wrecks VerbMem_r is not ranked, and the page names the metric it used."""
+    from qubench.results import metric_row
+
+    def declared(method, verbmem_r):
+        result = make_result(method, forget=(40.0, 10.0, 12.0) if method != "target" else (40.0, 40.0, 41.0))
+        result.metrics["verbmem_r"] = metric_row(*verbmem_r, 5.0)  # pre, post, target_pre, target_post
+        result.resolved["task"] = {"name": "synth-news", "utility_metric": "verbmem_r"}
+        return result
+
+    for method, verbmem_r in (("target", (70, 66, 70, 66)), ("npo", (68, 64, 70, 66)), ("ga", (8, 6, 70, 66))):
+        write(declared(method, verbmem_r), tmp_path)
+    _, rows = _rows(tmp_path)
+    by_method = {r.method: r for r in rows}
+    assert by_method["npo"].utility.name == "verbmem_r" and by_method["npo"].rank == 1
+    assert by_method["ga"].rank is None and by_method["ga"].standing.startswith("unranked: utility 6.0 < 59.4")
+    assert table.to_frame(rows).set_index("method").loc["ga", "utility_metric"] == "verbmem_r"
+
+
 def test_seeds_are_averaged_with_the_grids_bootstrap(tree):
     _, rows = _rows(tree)
     ga = next(r for r in rows if r.method == "ga" and r.quantizer == "rtn-4bit")
