@@ -263,6 +263,27 @@ def test_shipped_reference_is_marked_as_the_projects_own(tree, tmp_path, monkeyp
     assert len(_table(at)) == 10  # the project's own results count as verified
 
 
+def test_the_reference_grid_shipped_in_the_repository_is_complete_and_intact():
+    """What a fresh clone's `qubench leaderboard` shows: the project's own grid, every file as shipped."""
+    import yaml
+
+    from qubench.submissions import integrity
+
+    folder = REPO / "leaderboard" / "reference"
+    manifest = yaml.safe_load((folder / "MANIFEST.yaml").read_text())
+    assert manifest["command"].startswith("qubench grid --preset default")
+    shipped = {k: v for k, v in integrity.folder_digests(folder).items() if k != "MANIFEST.yaml"}
+    assert shipped == manifest["sha256"]  # nothing edited after shipping
+    assert all(not p["git_dirty"] and p["git_commit"] for p in manifest["produced_by"])
+    board, rows = _rows(folder)
+    assert not board.rejected and board.sources[0].kind == "reference"
+    assert len(board.runs) == manifest["cells"]["ok"] == manifest["cells"]["expected"]
+    assert len(rows) == manifest["cells"]["expected"]  # one seed: one row per cell
+    ranked = [r for r in rows if r.rank is not None]
+    assert ranked and all(r.utility is not None and r.utility.name == "verbmem_r" for r in ranked)
+    assert {r.method for r in rows if r.baseline} == {"target", "retrain"}
+
+
 def test_cli_leaderboard_rejects_a_missing_results_folder(tmp_path):
     from qubench.cli import main
 
