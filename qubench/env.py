@@ -38,7 +38,17 @@ def git_state() -> dict[str, str | bool | None]:
     return {"commit": commit, "dirty": bool(dirty) if commit else None}
 
 
-def environment() -> dict:
+def plugin_sources(spec) -> dict[str, str | None]:
+    """Which installed package (and version) provided each plugin of a run: a third-party method's
+    numbers mean little without the exact release that produced them."""
+    from qubench import registry
+
+    refs = {"task": ("tasks", spec.task), "method": ("methods", spec.method), "quant": ("quantizers", spec.quant),
+            "engine": ("engines", spec.engine)}
+    return {key: registry.source(family, ref.name) for key, (family, ref) in refs.items()}
+
+
+def environment(spec=None) -> dict:
     import torch
 
     return {
@@ -49,4 +59,5 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "libraries": library_versions(),
         "git": git_state(),
+        **({"plugins": plugin_sources(spec)} if spec is not None else {}),
     }

@@ -106,7 +106,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         from qubench.env import environment
 
         result.timings = timer.timings
-        result.environment = environment()
+        result.environment = environment(spec)
         results.save(result, out)
     if result.error is not None:
         raise RunFailed(result, out)
@@ -212,7 +212,8 @@ def _resolved(plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_t
     import json
 
     return {
-        "task": {"name": plugins.task.name, "params": plugins.task.params(), "note": plugins.task.note},
+        "task": {"name": plugins.task.name, "params": plugins.task.params(), "note": plugins.task.note,
+                 "utility_metric": plugins.task.utility_metric},
         "method": {"name": plugins.method.name, "params": plugins.method.params()},
         "quant": {"name": plugins.quant.name, "params": plugins.quant.params(), "scheme": plugins.quant.scheme(),
                   "checkpoint": json.loads((q_unlearned / "qubench_quant.json").read_text())},

@@ -97,6 +97,18 @@ def get(family: str, name: str) -> type[Plugin]:
     return _load(eps[name], family)
 
 
+def source(family: str, name: str) -> str | None:
+    """'distribution version' of the package that registers `name` (for a composition, its base's:
+    the modifiers are qubench's own), or None for a name nothing registers."""
+    if family == "methods" and "+" in name:
+        name = name.split("+")[0].strip()
+    ep = _entry_points(family).get(name)
+    if ep is None:
+        return None
+    package, version = _dist(ep)
+    return f"{package} {version}"
+
+
 def create(family: str, name: str, params: dict[str, Any] | None = None) -> Plugin:
     """Instantiate a plugin with validated parameters."""
     return get(family, name).from_params(params)

@@ -51,6 +51,7 @@ def test_run_reports_pre_post_gap_recovery_and_validates(first_run):
     assert result.resolved["quant"]["scheme"]["bits"] == 4
     assert result.resolved["method"]["params"]["lr"] == pytest.approx(1e-3)
     assert result.environment["libraries"]["torch"] and result.data_hashes
+    assert result.environment["plugins"]["method"] == f"qubench {result.environment['libraries']['qubench']}"
     saved = list((root / "results").glob("*.json"))
     assert len(saved) == 1 and results.load(saved[0]) == result
 

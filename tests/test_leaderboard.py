@@ -52,6 +52,26 @@ def test_rows_are_ranked_by_post_forgetting_among_rows_that_keep_utility(tree):
     assert "within 10% of the quantized target's utility" in ranking.RULE
 
 
+def test_the_utility_gate_uses_the_metric_the_task_declares(tmp_path):
+    """synth-news declares VerbMem on retain (its tiny models answer no question): a method that keeps
+    KnowMem_r but wrecks VerbMem_r is not ranked, and the page names the metric it used."""
+    from qubench.results import metric_row
+
+    def declared(method, verbmem_r):
+        result = make_result(method, forget=(40.0, 10.0, 12.0) if method != "target" else (40.0, 40.0, 41.0))
+        result.metrics["verbmem_r"] = metric_row(*verbmem_r, 5.0)  # pre, post, target_pre, target_post
+        result.resolved["task"] = {"name": "synth-news", "utility_metric": "verbmem_r"}
+        return result
+
+    for method, verbmem_r in (("target", (70, 66, 70, 66)), ("npo", (68, 64, 70, 66)), ("ga", (8, 6, 70, 66))):
+        write(declared(method, verbmem_r), tmp_path)
+    _, rows = _rows(tmp_path)
+    by_method = {r.method: r for r in rows}
+    assert by_method["npo"].utility.name == "verbmem_r" and by_method["npo"].rank == 1
+    assert by_method["ga"].rank is None and by_method["ga"].standing.startswith("unranked: utility 6.0 < 59.4")
+    assert table.to_frame(rows).set_index("method").loc["ga", "utility_metric"] == "verbmem_r"
+
+
 def test_seeds_are_averaged_with_the_grids_bootstrap(tree):
     _, rows = _rows(tree)
     ga = next(r for r in rows if r.method == "ga" and r.quantizer == "rtn-4bit")
@@ -241,6 +261,27 @@ def test_shipped_reference_is_marked_as_the_projects_own(tree, tmp_path, monkeyp
     assert any(c.value == command for c in at.code)
     at.checkbox(key="filter_verified").check().run()
     assert len(_table(at)) == 10  # the project's own results count as verified
+
+
+def test_the_reference_grid_shipped_in_the_repository_is_complete_and_intact():
+    """What a fresh clone's `qubench leaderboard` shows: the project's own grid, every file as shipped."""
+    import yaml
+
+    from qubench.submissions import integrity
+
+    folder = REPO / "leaderboard" / "reference"
+    manifest = yaml.safe_load((folder / "MANIFEST.yaml").read_text())
+    assert manifest["command"].startswith("qubench grid --preset default")
+    shipped = {k: v for k, v in integrity.folder_digests(folder).items() if k != "MANIFEST.yaml"}
+    assert shipped == manifest["sha256"]  # nothing edited after shipping
+    assert all(not p["git_dirty"] and p["git_commit"] for p in manifest["produced_by"])
+    board, rows = _rows(folder)
+    assert not board.rejected and board.sources[0].kind == "reference"
+    assert len(board.runs) == manifest["cells"]["ok"] == manifest["cells"]["expected"]
+    assert len(rows) == manifest["cells"]["expected"]  # one seed: one row per cell
+    ranked = [r for r in rows if r.rank is not None]
+    assert ranked and all(r.utility is not None and r.utility.name == "verbmem_r" for r in ranked)
+    assert {r.method for r in rows if r.baseline} == {"target", "retrain"}
 
 
 def test_cli_leaderboard_rejects_a_missing_results_folder(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from test_evaluation import write_muse_folder
 
 from qubench.engines.hf import HFEngine
-from qubench.evaluation.evaluate import GENERATION_TASKS, evaluate_model, tasks_dir
+from qubench.evaluation.evaluate import CLASSIFY_TASKS, GENERATION_TASKS, evaluate_model, tasks_dir
 from qubench.tasks import muse_layout
 
 LM_EVAL = [sys.executable, "-m", "lm_eval"]
@@ -55,6 +55,25 @@ def test_plain_lm_eval_cli_reproduces_qubench_metrics(tiny_model_dir, muse_folde
                           muse_layout.load(muse_folder), muse_folder, auc_retrain=None)
     for task, metric in GENERATION_TASKS.items():
         assert results[task]["rougeL_f1,none"] * 100 == pytest.approx(ours.metrics[metric], abs=1e-6), task
+
+
+def test_plain_lm_eval_cli_reproduces_the_classification_view(tiny_model_dir, tmp_path):
+    from test_misinfo import _classify_folder
+
+    folder = _classify_folder(tmp_path / "data")
+    proc = _lm_eval(["run", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", "--tasks",
+                     "qubench_classify", "--include_path", str(tasks_dir()), "--device", "cpu", "--batch_size", "4",
+                     "--output_path", str(tmp_path / "out")], env_extra={"QUBENCH_DATA_ROOT": str(folder)}, tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(tmp_path / "out")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ours = evaluate_model(HFEngine.from_params({"batch_size": 4}), model, AutoTokenizer.from_pretrained(tiny_model_dir),
+                          muse_layout.load(folder), folder, auc_retrain=None)
+    for task, metric in CLASSIFY_TASKS.items():
+        assert results[task]["acc,none"] * 100 == pytest.approx(ours.metrics[metric], abs=1e-6), task
 
 
 def test_without_a_data_root_lm_eval_stops_with_what_to_set(tiny_model_dir, tmp_path):

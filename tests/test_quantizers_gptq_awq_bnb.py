@@ -321,6 +321,16 @@ def test_a_missing_optional_backend_fails_at_creation_naming_the_extra(monkeypat
             cls.from_params({})
 
 
+def test_a_gptqmodel_worker_count_below_two_fails_before_any_work(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    for bad in ("1", "0", "two"):
+        monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", bad)
+        with pytest.raises(ConfigError, match=rf"GPTQMODEL_CPU_WORKERS='{bad}': GPT-QModel needs at least 2"):
+            GPTQModelGPTQ4bit.from_params({})
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "3")
+    assert GPTQModelGPTQ4bit.from_params({}).name == "gptqmodel-gptq-4bit"
+
+
 @pytest.mark.parametrize("cls,params", [(GPTQModelGPTQ4bit, {}), (GPTQModelAWQ4bit, {"group_size": 64})])
 def test_gptqmodel_backend_end_to_end(quantized, original, cls, params):
     pytest.importorskip("gptqmodel")

@@ -76,6 +76,20 @@ def test_broken_plugin_is_reported_and_the_rest_keep_working(third_party):
     assert registry.get("methods", "noop").name == "noop"
 
 
+def test_source_names_the_package_that_registers_a_plugin(third_party):
+    from importlib.metadata import version
+
+    from qubench.env import plugin_sources
+    from qubench.specs import PluginRef, RunSpec
+
+    assert registry.source("methods", "noop") == "goodplug 1.2.3"
+    assert registry.source("methods", "npo_klr+hinge") == f"qubench {version('qubench')}"  # its base's package
+    assert registry.source("methods", "nonexistent") is None
+    sources = plugin_sources(RunSpec(method=PluginRef(name="noop"), quant=PluginRef(name="gptq-4bit")))
+    assert sources == {"task": f"qubench {version('qubench')}", "method": "goodplug 1.2.3",
+                       "quant": f"qubench {version('qubench')}", "engine": f"qubench {version('qubench')}"}
+
+
 def test_cli_list_survives_broken_plugin(third_party):
     res = CliRunner().invoke(main, ["list", "methods", "--json"])
     assert res.exit_code == 0, res.output

@@ -138,6 +138,9 @@ def _plugin(source: Source, result: RunResult) -> str:
     base = result.spec.method.name.split("+")[0]
     if source.kind == "submission" and source.package:
         return f"{source.package} {source.version}"
+    recorded = (result.environment.get("plugins") or {}).get("method")
+    if isinstance(recorded, str) and recorded:
+        return recorded
     if base in builtin_methods():
         version = (result.environment.get("libraries") or {}).get("qubench")
         return f"qubench {version}" if version else "qubench"
@@ -166,6 +169,9 @@ def _row(source: Source, runs: list[Run]) -> Row:
     engine = resolved.get("engine") or {}
     names = {n for r in runs for n in r.result.metrics}
     view = next((v for v in VIEWS if v.forget in names), None)
+    declared = ((resolved.get("task") or {}).get("utility_metric"))
+    if view is not None and view.utility != "cls_test" and declared in names:
+        view = view.model_copy(update={"utility": declared})  # the task's own choice (Task.utility_metric)
     target = ((resolved.get("models") or {}).get("target") or {})
     model = spec.model or f"task's own target ({target.get('fingerprint', '?')})"
     group_size = scheme.get("group_size", scheme.get("block_size"))

@@ -12,8 +12,9 @@ formats: GPTQ ("gptq", fp16 scales) and AWQ ("gemm", bf16 model), as vLLM loads 
 - `load_quantized` returns a float32 model whose quantized Linear layers hold the weights
   GPT-QModel's own unpacking gives (scales taken in float32), as the RTN plugins do.
 - GPT-QModel is imported only when used; GPTQMODEL_CPU_WORKERS, its CPU thread pool size, is
-  set to min(2, CPU count) unless the user set it: its default (half the cores, up to 12)
-  oversubscribes a small machine that also runs the evaluation.
+  set to 2 unless the user set it: its default (half the cores, up to 12) oversubscribes a small
+  machine that also runs the evaluation, and fewer than 2 fails inside GPT-QModel 7.6 (its model
+  loader's pool asks for 2 workers), so a smaller setting is refused before any work.
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ def _require_gptqmodel() -> None:
     (a lookup only: importing GPT-QModel takes seconds and happens when it is used)."""
     if importlib.util.find_spec("gptqmodel") is None:
         raise ConfigError(MISSING)
+    workers = os.environ.get(CPU_WORKERS_ENV)
+    if workers is not None and (not workers.strip().isdigit() or int(workers) < 2):
+        raise ConfigError(f"{CPU_WORKERS_ENV}={workers!r}: GPT-QModel needs at least 2 CPU workers (its model "
+                          f"loader asks for 2); unset it (qubench then uses 2) or set it to 2 or more")
 
 
 def _gptqmodel():
-    os.environ.setdefault(CPU_WORKERS_ENV, str(min(2, os.cpu_count() or 1)))
+    os.environ.setdefault(CPU_WORKERS_ENV, "2")
     try:
         import gptqmodel
     except ImportError as exc:  # present but unusable, e.g. a broken dependency

@@ -76,6 +76,10 @@ class Task(Plugin):
     note: str | None = None
     #: A published AUC of the task's retrain model (PrivLeak's reference) for runs without one.
     published_auc_retrain: float | None = None
+    #: The generative metric that stands for "what the model must keep" (the leaderboard's ranking
+    #: gate). MUSE's utility is KnowMem on retain; tasks whose models are too small to answer
+    #: questions (KnowMem ~ 0 for every model, target included) use VerbMem on retain instead.
+    utility_metric: str = "knowmem_r"
 
     def source_fingerprint(self) -> str | None:
         """A hash of external data the task reads (a local folder, say), so that changed files

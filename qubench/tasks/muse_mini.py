@@ -40,6 +40,7 @@ class MuseNewsMini(Task):
     description = ("CPU-scale replica of MUSE-News: real MUSE text and probes, tiny target/retrain "
                    "trained locally (not MUSE's numbers)")
     note = NOTE
+    utility_metric = "verbmem_r"  # tiny models: KnowMem carries no signal at this scale
 
     class Config(PluginConfig):
         #: Hub dataset ID, local dataset snapshot, or folder in MUSE's GitHub layout.

@@ -65,6 +65,7 @@ class SynthNews(Task):
     """
 
     name = "synth-news"
+    utility_metric = "verbmem_r"  # the tiny models answer almost no question (README, "Calibration")
     description = "Offline synthetic news about invented people, towns and organisations (seeded, MUSE layout)"
 
     class Config(PluginConfig):

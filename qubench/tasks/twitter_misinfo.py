@@ -68,6 +68,7 @@ class MisinfoTask(Task):
     """What both misinformation tasks share: sizes, recipe, splits, layout, generic corpus."""
 
     presets = PRESETS
+    utility_metric = "verbmem_r"  # posts carry no QA facts: no KnowMem
     default_recipe = DEFAULT_RECIPE
     micro_recipe = MICRO_RECIPE
 
