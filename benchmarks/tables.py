@@ -3,13 +3,9 @@ recorded as a row, the rest go on) and format metric rows as Markdown."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Iterable
-
-# Before anything imports tqdm (it reads TQDM_* once): llm-compressor's and lm-eval's bars would bury the table.
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 from qubench import pipeline
 from qubench.errors import QubenchError
