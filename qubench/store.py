@@ -135,10 +135,25 @@ def remove_cached(path: Path, blocking: bool = True) -> bool:
     return True
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (setting it, even briefly, races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_tag()}.", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; results are meant to be shared (a team's results folder,
+        # a leaderboard served by another user), so give it the permissions open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False, default=str)
             fh.write("\n")

@@ -82,3 +82,19 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
         store.write_json_atomic(path, {"a": object.__new__(type("Unserialisable", (), {"__str__": None}))})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_write_json_atomic_gives_the_permissions_open_would(tmp_path):
+    import os
+    import stat
+
+    from qubench.store import write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o640  # not mkstemp's 0600
