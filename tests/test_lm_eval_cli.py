@@ -40,40 +40,37 @@ def muse_folder(tmp_path_factory) -> Path:
     return write_muse_folder(tmp_path_factory.mktemp("muse_cli"))
 
 
-def test_plain_lm_eval_cli_reproduces_qubench_metrics(tiny_model_dir, muse_folder, tmp_path):
-    proc = _lm_eval(["run", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", "--tasks", "qubench_muse",
+def _lm_eval_and_qubench(model_dir: Path, suite: str, folder: Path, tmp_path: Path, **how) -> tuple[dict, dict]:
+    """Run `suite` through the plain lm-eval CLI and the same data through qubench's evaluator."""
+    proc = _lm_eval(["run", "--model", "hf", "--model_args", f"pretrained={model_dir}", "--tasks", suite,
                      "--include_path", str(tasks_dir()), "--device", "cpu", "--batch_size", "4",
-                     "--metadata", json.dumps({"data_root": str(muse_folder)}), "--output_path", str(tmp_path / "out")],
+                     *how.get("args", []), "--output_path", str(tmp_path / "out")], env_extra=how.get("env"),
                     tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = _results(tmp_path / "out")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    ours = evaluate_model(HFEngine.from_params({"batch_size": 4}), model, AutoTokenizer.from_pretrained(tiny_model_dir),
-                          muse_layout.load(muse_folder), muse_folder, auc_retrain=None)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ours = evaluate_model(HFEngine.from_params({"batch_size": 4}), model, AutoTokenizer.from_pretrained(model_dir),
+                          muse_layout.load(folder), folder, auc_retrain=None)
+    return _results(tmp_path / "out"), ours.metrics
+
+
+def test_plain_lm_eval_cli_reproduces_qubench_metrics(tiny_model_dir, muse_folder, tmp_path):
+    results, ours = _lm_eval_and_qubench(tiny_model_dir, "qubench_muse", muse_folder, tmp_path,
+                                         args=["--metadata", json.dumps({"data_root": str(muse_folder)})])
     for task, metric in GENERATION_TASKS.items():
-        assert results[task]["rougeL_f1,none"] * 100 == pytest.approx(ours.metrics[metric], abs=1e-6), task
+        assert results[task]["rougeL_f1,none"] * 100 == pytest.approx(ours[metric], abs=1e-6), task
 
 
 def test_plain_lm_eval_cli_reproduces_the_classification_view(tiny_model_dir, tmp_path):
     from test_misinfo import _classify_folder
 
     folder = _classify_folder(tmp_path / "data")
-    proc = _lm_eval(["run", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", "--tasks",
-                     "qubench_classify", "--include_path", str(tasks_dir()), "--device", "cpu", "--batch_size", "4",
-                     "--output_path", str(tmp_path / "out")], env_extra={"QUBENCH_DATA_ROOT": str(folder)}, tmp=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = _results(tmp_path / "out")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    ours = evaluate_model(HFEngine.from_params({"batch_size": 4}), model, AutoTokenizer.from_pretrained(tiny_model_dir),
-                          muse_layout.load(folder), folder, auc_retrain=None)
+    results, ours = _lm_eval_and_qubench(tiny_model_dir, "qubench_classify", folder, tmp_path,
+                                         env={"QUBENCH_DATA_ROOT": str(folder)})
     for task, metric in CLASSIFY_TASKS.items():
-        assert results[task]["acc,none"] * 100 == pytest.approx(ours.metrics[metric], abs=1e-6), task
+        assert results[task]["acc,none"] * 100 == pytest.approx(ours[metric], abs=1e-6), task
 
 
 def test_without_a_data_root_lm_eval_stops_with_what_to_set(tiny_model_dir, tmp_path):
