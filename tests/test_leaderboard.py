@@ -324,7 +324,7 @@ def test_browser_screenshot_of_qubench_leaderboard(tmp_path):
     """`qubench leaderboard` with its defaults (the shipped reference grid and submissions/) on loopback,
     loaded by headless Chromium until the table and a chart have rendered; the screenshot is saved
     (to $QUBENCH_SCREENSHOT when set) and must not be a blank page."""
-    from browser import free_port, screenshot
+    from browser import free_port, screenshot, stop
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "qubench", "leaderboard", "--port", str(port)],
@@ -335,11 +335,7 @@ def test_browser_screenshot_of_qubench_leaderboard(tmp_path):
         _wait_for(f"http://127.0.0.1:{port}/_stcore/health", proc)
         ready = screenshot(CHROMIUM, f"http://127.0.0.1:{port}/", shot, RENDERED, tmp_path / "profile")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=30)
     data = shot.read_bytes()
     assert _png_size(data) == (1400, 2000)
     assert ready, f"the table and a chart did not render in time (screenshot: {shot})"

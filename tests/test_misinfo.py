@@ -316,6 +316,23 @@ def test_classify_tasks_score_accuracy_on_a_hand_made_case(tmp_path, tiny_model_
     assert (first["gt"], first["output"], first["score"], first["loglikelihoods"]) == ("fake", "real", 0.0, [0.0, -2.0])
 
 
+def test_the_lm_eval_suites_say_how_to_name_the_data_folder(tmp_path, monkeypatch):
+    from qubench.errors import DataError
+    from qubench.tasks.muse_layout import data_file
+
+    monkeypatch.delenv("QUBENCH_DATA_ROOT", raising=False)
+    with pytest.raises(DataError, match=r"qubench_classify tasks need the task's data folder: pass metadata "
+                                        r"data_root=.* or set the environment variable QUBENCH_DATA_ROOT"):
+        data_file("classify/format.json", None, "qubench_classify")
+    monkeypatch.setenv("QUBENCH_DATA_ROOT", str(tmp_path))
+    with pytest.raises(DataError, match=r"format.json not found \(data folder .* from env QUBENCH_DATA_ROOT\): "
+                                        r"the task in that folder has no classification view"):
+        data_file("classify/format.json", None, "qubench_classify", missing="the task in that folder has no "
+                                                                            "classification view")
+    folder = _classify_folder(tmp_path / "given")
+    assert data_file("classify/format.json", folder, "qubench_classify") == folder / "classify" / "format.json"
+
+
 def test_classify_accuracy_matches_the_models_own_loglikelihoods(tmp_path, tiny_model_dir):
     """The real path: HF engine + lm-eval multiple_choice on the tiny model, checked by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench.errors import DataError
 from qubench.tasks import classify
 from qubench.tasks.classify import ClassifyFormat, ClassifyItem
+
+#: Where the lm-eval task YAMLs (tasks/qubench_*) find a task's data folder when the task
+#: metadata gives no data_root.
+DATA_ROOT_ENV = "QUBENCH_DATA_ROOT"
+HOW_TO_SET_DATA_ROOT = (
+    f"pass metadata data_root=<folder> (simple_evaluate/TaskManager metadata, or lm-eval "
+    f"--metadata '{{\"data_root\": \"<folder>\"}}') or set the environment variable {DATA_ROOT_ENV}"
+)
 
 DOC_SEPARATOR = "\n\n\n"  # between documents in raw/*.txt (documents may hold single blank lines)
 
@@ -60,6 +69,21 @@ class TaskData:
             for p in sorted(self.root.rglob("*"))
             if p.is_file()
         }
+
+
+def data_file(rel: str, data_root: str | os.PathLike | None, suite: str, missing: str = "") -> Path:
+    """`rel` inside the data folder named by the metadata `data_root`, else by $QUBENCH_DATA_ROOT;
+    a DataError saying what to set when neither names one, or (with `missing`, what a missing file
+    means) that the file is not there."""
+    root = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        raise DataError(f"{suite} tasks need the task's data folder: {HOW_TO_SET_DATA_ROOT}")
+    path = Path(root).expanduser() / rel
+    if not path.is_file():
+        source = "metadata data_root" if data_root else f"env {DATA_ROOT_ENV}"
+        why = f": {missing}" if missing else ""
+        raise DataError(f"{path} not found (data folder {root} from {source}){why}; {HOW_TO_SET_DATA_ROOT}")
+    return path
 
 
 def read_docs(path: Path) -> list[str]:

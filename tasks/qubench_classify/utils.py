@@ -9,26 +9,16 @@ choices from classify/format.json, so the YAMLs need no task-specific wording.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import datasets
 
-from qubench.errors import DataError
 from qubench.tasks import classify
-
-DATA_ROOT_ENV = "QUBENCH_DATA_ROOT"
+from qubench.tasks.muse_layout import data_file
 
 
 def _load(split: str, data_root) -> datasets.DatasetDict:
-    root = data_root or os.environ.get(DATA_ROOT_ENV)
-    if not root:
-        raise DataError(f"qubench_classify tasks need the task data folder: pass metadata data_root=<folder> "
-                        f"or set the environment variable {DATA_ROOT_ENV}")
-    fmt, sets = classify.load(Path(root).expanduser())
-    if fmt is None:
-        raise DataError(f"{Path(root) / 'classify' / 'format.json'} not found: the task in {root} has no "
-                        "classification view")
+    fmt_file = data_file("classify/format.json", data_root, "qubench_classify",
+                         missing="the task in that folder has no classification view")
+    fmt, sets = classify.load(fmt_file.parents[1])
     rows = [{"text": i.text, "label": i.label, "prompt": fmt.render(i.text), "choices": list(fmt.choices)}
             for i in sets[split]]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

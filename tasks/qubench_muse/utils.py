@@ -26,27 +26,10 @@ from qubench.evaluation.metrics import (
     muse_short_gt,
     rouge_l_f1,
 )
-
-DATA_ROOT_ENV = "QUBENCH_DATA_ROOT"
-_HOW_TO_SET = (
-    f"pass metadata data_root=<folder> (simple_evaluate/TaskManager metadata, or lm-eval "
-    f"--metadata '{{\"data_root\": \"<folder>\"}}') or set the environment variable {DATA_ROOT_ENV}"
-)
-
-
-def _data_file(rel: str, data_root: str | os.PathLike | None) -> Path:
-    root = data_root or os.environ.get(DATA_ROOT_ENV)
-    if not root:
-        raise DataError(f"qubench_muse tasks need the MUSE-layout data folder: {_HOW_TO_SET}")
-    path = Path(root).expanduser() / rel
-    if not path.is_file():
-        source = "metadata data_root" if data_root else f"env {DATA_ROOT_ENV}"
-        raise DataError(f"{path} not found (data folder {root} from {source}); {_HOW_TO_SET}")
-    return path
-
+from qubench.tasks.muse_layout import data_file
 
 def _rows(rel: str, data_root, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    path = _data_file(rel, data_root)
+    path = data_file(rel, data_root, "qubench_muse")
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
