@@ -26,7 +26,7 @@ from qubench.evaluation.metrics import (
     muse_short_gt,
     rouge_l_f1,
 )
-from qubench.tasks.muse_layout import data_file
+from qubench.tasks.muse_layout import DATA_ROOT_ENV, data_file  # noqa: F401 (DATA_ROOT_ENV: part of this module's interface)
 
 def _rows(rel: str, data_root, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     path = data_file(rel, data_root, "qubench_muse")
