@@ -131,9 +131,9 @@ def main() -> None:
     import torch
 
     if args.data is None:
-        from qubench.models.prepare import prepare_task
+        from qubench.stages import TaskData
 
-        args.data = prepare_task(registry.create("tasks", "synth-news"))
+        args.data = TaskData(registry.create("tasks", "synth-news")).get()
     data = muse_layout.load(args.data)
     params = {"python": args.vllm_python, "dtype": args.vllm_dtype, "batch_size": args.batch_size}
     params.update({k: json.loads(v) for k, v in (p.split("=", 1) for p in args.vllm_param)})

@@ -9,34 +9,19 @@ import warnings
 from pathlib import Path
 
 import click
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
 from qubench import registry
+from qubench.cli_options import parse_params as _params
+from qubench.cli_options import set_only, shared
 from qubench.errors import QubenchError
+from qubench.grid.cache import KINDS as CACHE_KINDS
 from qubench.report import print_result, print_plugins
 from qubench.specs import PluginRef, RunSpec
 
 console = Console(stderr=True)
 out = Console()
-
-
-def _params(pairs: tuple[str, ...]) -> dict:
-    """KEY=VALUE pairs; values parsed as YAML scalars so 1e-5, 3, true and [a, b] work."""
-    params = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
-        key, value = pair.split("=", 1)
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads "1e-5" as a string; users mean a number
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        params[key.strip()] = parsed
-    return params
 
 
 def _fail(exc: QubenchError) -> None:
@@ -59,23 +44,16 @@ def main() -> None:
 @click.option("--method", default="ga_gdr", show_default=True, help="Unlearning method plugin.")
 @click.option("--quant", default="rtn-4bit", show_default=True, help="Quantizer plugin.")
 @click.option("--engine", default="hf", show_default=True, help="Evaluation engine plugin.")
-@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE", help="Task parameter (repeatable).")
-@click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE", help="Method parameter.")
-@click.option("--quant-param", "quant_params", multiple=True, metavar="KEY=VALUE", help="Quantizer parameter.")
-@click.option("--engine-param", "engine_params", multiple=True, metavar="KEY=VALUE",
-              help="Engine parameter, e.g. python=/path/to/vllm-venv/bin/python for --engine vllm.")
+@shared("task_params", "method_params", "quant_params", "engine_params")
 @click.option("--vllm-python", default=None, metavar="PATH",
               help="Python of the environment with vLLM, for --engine vllm (default $QUBENCH_VLLM_PYTHON, "
                    "else this python). Not part of the run's identity.")
-@click.option("--model", default=None, help="Existing target model: local folder or hub ID.")
-@click.option("--retrain-model", default=None, help="Existing retrain reference model: folder or hub ID.")
+@shared("model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--limit", default=None, type=int, help="Evaluate only the first N probes of each set (smoke tests).")
+@shared("batch_size", "dtype", "limit")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of tables.")
+@shared("as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
         retrain_model, seed, batch_size, dtype, limit, results_dir, force, as_json) -> None:
     """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
@@ -95,7 +73,7 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
         method=PluginRef(name=method, params=_params(method_params)),
         quant=PluginRef(name=quant, params=_params(quant_params)),
         engine=PluginRef(name=engine, params=_params(engine_params)), model=model, retrain_model=retrain_model, seed=seed,
-        batch_size=batch_size, dtype=dtype, eval_limit=limit,
+        **set_only(batch_size=batch_size, dtype=dtype, eval_limit=limit),
     )
     log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
     try:
@@ -110,22 +88,21 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
 
 @main.command()
 @click.option("--task", default="synth-news", show_default=True)
-@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE")
-@click.option("--model", default=None, help="Use an existing target model instead of training one.")
-@click.option("--retrain-model", default=None)
+@shared("task_params", "model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Run seed: models trained here use the task's recipe seed + this (as `run --seed` does).")
-@click.option("--json", "as_json", is_flag=True)
+@shared("as_json")
 def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
-    from qubench.models.prepare import prepare_models, prepare_task
+    from qubench.stages import TaskData
+    from qubench.stages.models import models_stage
     from qubench.tasks import muse_layout
 
     try:
         plugin = registry.create("tasks", task, _params(task_params))
-        data_dir = prepare_task(plugin)
-        models = prepare_models(plugin, muse_layout.load(data_dir), model, retrain_model, progress=not as_json,
-                                seed=seed)
+        data_dir = TaskData(plugin).get()
+        models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
+                              progress=not as_json).get_models()
     except QubenchError as exc:
         _fail(exc)
     info = {"task": task, "data_dir": str(data_dir), "target": str(models.target_dir),
@@ -188,25 +165,18 @@ def show(result_file, as_json) -> None:
 @click.option("--method", "methods", multiple=True, help="Method (repeatable; replaces the spec's methods).")
 @click.option("--quant", "quants", multiple=True, help="Quantizer (repeatable; replaces the spec's quantizers).")
 @click.option("--engine", default=None, help="Evaluation engine (default hf).")
-@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE", help="Added to every task.")
-@click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE", help="Added to every method.")
-@click.option("--quant-param", "quant_params", multiple=True, metavar="KEY=VALUE", help="Added to every quantizer.")
-@click.option("--engine-param", "engine_params", multiple=True, metavar="KEY=VALUE")
-@click.option("--seeds", type=int, default=None, help="Run seeds 0..N-1 (default: the spec's, else 0).")
-@click.option("--model", default=None, help="Existing target model for every task: folder or hub ID.")
-@click.option("--retrain-model", default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N probes of each set.")
+@shared("task_params", "method_params", "quant_params", "engine_params")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Run seeds 0..N-1 (default: the spec's, else 0).")
+@shared("model", "retrain_model", "batch_size", "dtype", "limit")
 @click.option("--results", "results_dir", default="results/grid", show_default=True,
               type=click.Path(path_type=Path), help="Cell results go to DIR/cells, the aggregate to DIR/aggregate.json.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes (or Ray's local CPUs).")
+@shared("workers")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local Ray instance).")
 @click.option("--keep", type=click.Choice(["checkpoints", "results"]), default="checkpoints", show_default=True,
               help="results: delete the unlearned and quantized checkpoints this grid built once no cell needs them.")
 @click.option("--dry-run", is_flag=True, help="Print how many cells and stages would run and how many are cached.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan or the run summary as JSON on stdout.")
+@shared("as_json")
 def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_params, quant_params, engine_params,
          seeds, model, retrain_model, batch_size, dtype, limit, results_dir, workers, executor, ray_address, keep,
          dry_run, as_json) -> None:
@@ -259,18 +229,18 @@ def cache_ls(as_json) -> None:
         out.print_json(json.dumps(found.as_dict()))
         return
     table = Table(title=f"QUBENCH_HOME {escape(found.home)}", title_justify="left")
-    for col in ("kind", "entries", "MiB", "stale temporaries", "stale MiB"):
-        table.add_column(col, justify="left" if col == "kind" else "right")
+    for col in ("kind", "entries", "MiB", "stale temporaries", "stale MiB", "what"):
+        table.add_column(col, justify="left" if col in ("kind", "what") else "right")
     for k in found.kinds:
         table.add_row(k.kind, str(k.entries), f"{k.bytes / 2**20:.1f}", str(k.stale_temporaries),
-                      f"{k.stale_bytes / 2**20:.1f}")
+                      f"{k.stale_bytes / 2**20:.1f}", k.description)
     out.print(table)
     out.print(f"total {found.total_bytes / 2**20:.1f} MiB", highlight=False)
 
 
 @cache.command("clean")
 @click.option("--kind", "kinds", multiple=True,
-              type=click.Choice(["tasks", "models", "unlearned", "quantized", "evals", "all"]),
+              type=click.Choice([*CACHE_KINDS, "all"]),
               help="Also remove every artifact of this kind (repeatable). Without it: only stale temporaries.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.option("--json", "as_json", is_flag=True)
@@ -318,15 +288,12 @@ def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) ->
 
 @main.command()
 @click.option("--method", required=True, help="The method's entry-point name (from your package).")
-@click.option("--method-param", "method_params", multiple=True, metavar="KEY=VALUE",
-              help="Method parameter, recorded in submission.yaml (repeatable).")
+@shared("method_params")
 @click.option("--preset", default="default", show_default=True, help="The grid preset whose cells are run.")
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A grid spec file instead of a preset (recorded as a custom grid).")
-@click.option("--seeds", type=int, default=None, help="Run seeds 0..N-1 instead of the preset's.")
-@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE", help="Added to every task.")
-@click.option("--quant-param", "quant_params", multiple=True, metavar="KEY=VALUE", help="Added to every quantizer.")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N probes of each set.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Run seeds 0..N-1 instead of the preset's.")
+@shared("task_params", "quant_params", "limit")
 @click.option("--name", default=None, help="Submission folder name (default: the package name).")
 @click.option("--out", "out_root", default="submissions", show_default=True, type=click.Path(path_type=Path))
 @click.option("--author", "authors", multiple=True, help="Author (repeatable; default: the package metadata).")
@@ -334,7 +301,7 @@ def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) ->
 @click.option("--source", default=None,
               help="What `pip install` is given to install the package: a requirement (default NAME==VERSION) "
                    "or a path relative to the submission folder, e.g. '.'.")
-@click.option("--workers", type=int, default=1, show_default=True)
+@shared("workers")
 def submit(method, method_params, preset, spec_file, seeds, task_params, quant_params, limit, name, out_root, authors,
            license_, source, workers) -> None:
     """Run the standard grid for a third-party method and write submissions/<name>/."""

@@ -8,6 +8,7 @@ the target's weight rounds to. These numbers test that explanation on each run.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,11 +18,14 @@ from qubench.quantizers.base import DEFAULT_IGNORE, per_weight, quantizable_line
 
 @torch.no_grad()
 def weight_deltas(target_model: torch.nn.Module, unlearned_model: torch.nn.Module,
-                  ignore: list[str] | tuple[str, ...] = DEFAULT_IGNORE) -> dict[str, Any]:
-    """Mean and max |w_unlearned - w_target|: over the Linear weights a weight-only scheme
-    quantizes (everything but `ignore`), and over every parameter (`overall_*`)."""
+                  quantized_modules: Iterable[str] | None = None) -> dict[str, Any]:
+    """Mean and max |w_unlearned - w_target|: over the weights of `quantized_modules` (the modules the
+    run's quantizer rounds, `Quantizer.quantized_modules`; default: every Linear but lm_head), and over
+    every parameter (`overall_*`)."""
+    if quantized_modules is None:
+        quantized_modules = quantizable_linears(target_model, DEFAULT_IGNORE)
     unlearned = dict(unlearned_model.named_parameters())
-    quantized = {f"{name}.weight" for name in quantizable_linears(target_model, ignore)}
+    quantized = {f"{name}.weight" for name in quantized_modules}
     sums = {"quantized": 0.0, "overall": 0.0}
     maxima = {"quantized": 0.0, "overall": 0.0}
     counts = {"quantized": 0, "overall": 0}

@@ -33,6 +33,11 @@ def git_state() -> dict[str, str | bool | None]:
         except (OSError, subprocess.SubprocessError):
             return None
 
+    # Only the checkout qubench itself lives in: an installed package inside some other repository
+    # (a virtualenv in a project folder) must not report that repository's commit.
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return {"commit": None, "dirty": None}
     commit = git("rev-parse", "HEAD")
     dirty = git("status", "--porcelain", "--", "qubench", "tasks", "pyproject.toml")
     return {"commit": commit, "dirty": bool(dirty) if commit else None}

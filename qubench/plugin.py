@@ -22,6 +22,9 @@ class Plugin:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Config: ClassVar[type[PluginConfig]] = PluginConfig
+    #: For a plugin built on demand by a family resolver (not registered itself): the registered plugin
+    #: whose package provides it, e.g. a composition's base method. Its provenance is that one's.
+    provided_by: ClassVar[str | None] = None
 
     def __init__(self, config: PluginConfig | None = None):
         self.config = config if config is not None else self.Config()

@@ -24,6 +24,10 @@ FAMILIES = {
     "tasks": "qubench.tasks",
     "engines": "qubench.engines",
 }
+#: Entry points named after a family, each a function name -> plugin class (or None when the name is
+#: not of its form), for names that are built on demand rather than registered, e.g. the method
+#: compositions "base+modifier" (qubench.methods.compose:resolve).
+RESOLVER_GROUP = "qubench.resolvers"
 
 
 class PluginImportWarning(UserWarning):
@@ -80,13 +84,27 @@ def _load(ep: EntryPoint, family: str) -> type[Plugin]:
     return obj
 
 
-def get(family: str, name: str) -> type[Plugin]:
-    """The plugin class registered as `name`, or an error that suggests the nearest names."""
-    if family == "methods" and "+" in name:  # "base+modifier+...": built on demand, not registered
-        from qubench.methods.compose import compose
+def _resolve(family: str, name: str) -> type[Plugin] | None:
+    for ep in entry_points(group=RESOLVER_GROUP, name=family):
+        try:
+            resolver = ep.load()
+        except Exception as exc:  # a broken third-party resolver must not hide the registered plugins
+            package, version = _dist(ep)
+            warnings.warn(f"{family[:-1]} name resolver {ep.value} from package {package} {version} failed to "
+                          f"import: {type(exc).__name__}: {exc}", PluginImportWarning, stacklevel=3)
+            continue
+        cls = resolver(name)
+        if cls is not None:
+            return cls
+    return None
 
-        return compose(name)
+
+def get(family: str, name: str) -> type[Plugin]:
+    """The plugin class registered as `name` (or built for it by a family's resolver), or an error that
+    suggests the nearest names."""
     eps = _entry_points(family)
+    if name not in eps and (built := _resolve(family, name)) is not None:
+        return built
     if name not in eps:
         known = sorted(eps)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
@@ -98,13 +116,17 @@ def get(family: str, name: str) -> type[Plugin]:
 
 
 def source(family: str, name: str) -> str | None:
-    """'distribution version' of the package that registers `name` (for a composition, its base's:
-    the modifiers are qubench's own), or None for a name nothing registers."""
-    if family == "methods" and "+" in name:
-        name = name.split("+")[0].strip()
+    """'distribution version' of the package that registers `name` (for a plugin built by a resolver,
+    that of the registered plugin it names as `provided_by`, e.g. a composition's base), or None for a
+    name nothing registers."""
     ep = _entry_points(family).get(name)
     if ep is None:
-        return None
+        try:
+            built = _resolve(family, name)
+        except ConfigError:
+            return None
+        base = getattr(built, "provided_by", None)
+        return source(family, base) if base and base != name else None
     package, version = _dist(ep)
     return f"{package} {version}"
 

@@ -8,11 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qubench.results import METRIC_HELP, RunResult
-
-
-#: The metrics every MUSE-style task is expected to have; others (cls_*, verbmem_r, ...) are optional.
-MUSE_METRICS = ("verbmem_f", "knowmem_f", "privleak", "knowmem_r")
+from qubench import metric_catalog
+from qubench.results import RunResult
 
 
 def _fmt(value, pct: bool = False) -> str:
@@ -42,7 +39,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
     if note := result.resolved.get("task", {}).get("note"):
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
     # Tasks without QA probes (e.g. social-media posts) have no KnowMem: say so instead of a silent gap.
-    absent = [name for name in MUSE_METRICS if name not in result.metrics]
+    absent = [m.name for m in metric_catalog.METRICS if m.muse and m.name not in result.metrics]
     if absent:
         console.print(f"not applicable to this task (no probes in its data): {', '.join(absent)}")
     d = result.diagnostics
@@ -77,4 +74,4 @@ def print_plugins(console: Console, family: str, infos) -> None:
     console.print(table)
 
 
-__all__ = ["print_result", "print_plugins", "METRIC_HELP"]
+__all__ = ["print_result", "print_plugins"]

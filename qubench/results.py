@@ -9,28 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qubench import store
+from qubench import metric_catalog, store
 from qubench.specs import RunSpec
 
 SCHEMA_VERSION = "1.0"
-
-#: The metrics every MUSE-style run reports, in display order, with one-line meanings.
-METRIC_HELP = {
-    "verbmem_f": "VerbMem on forget: ROUGE-L F1 x100 of the greedy continuation of forget text (lower = forgotten)",
-    "knowmem_f": "KnowMem on forget: ROUGE-L F1 x100 of answers to questions about forget facts (lower = forgotten)",
-    "privleak": "PrivLeak: (AUC - AUC_retrain)/AUC_retrain x100, Min-40% forget vs holdout (0 = like retrain, "
-                "strongly negative = forget set still detectable)",
-    "knowmem_r": "KnowMem on retain: ROUGE-L F1 x100 on retain facts (utility; higher = better)",
-    "verbmem_r": "VerbMem on retain: ROUGE-L F1 x100 on retain text (utility the model should keep; higher = better)",
-    "verbmem_holdout": "VerbMem on never-trained holdout text: what a model guesses without memorising (floor)",
-    "privleak_auc": "Raw Min-40% AUC, forget (non-member) vs holdout (member)",
-    # The classification view (tasks with classify/ data, e.g. twitter-misinfo): label accuracy x100.
-    "cls_f": "Label accuracy x100 on forget posts (trained on; lower = forgotten, down to cls_holdout)",
-    "cls_holdout": "Label accuracy x100 on never-trained posts of the forget class (the floor forgetting should reach)",
-    "cls_r": "Label accuracy x100 on retain posts (trained on; the model should keep it)",
-    "cls_test": "Label accuracy x100 on a balanced never-trained test split (classification utility)",
-}
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -81,14 +63,10 @@ class RunResult(Strict):
     error: ErrorInfo | None = None
 
 
-#: Below this much forgetting (in the metric's own units) recovery is a ratio of noise and is not
-#: reported: one point on the 0-100 scales, 0.01 of AUC.
-MIN_FORGETTING = {"privleak_auc": 0.01}
-DEFAULT_MIN_FORGETTING = 1.0
-
-
 def metric_row(pre, post, target_pre=None, target_post=None, retrain=None,
-               min_forgetting: float = DEFAULT_MIN_FORGETTING) -> MetricRow:
+               min_forgetting: float = 1.0) -> MetricRow:
+    """The row of one metric; below `min_forgetting` (|target_pre - pre|, the metric's noise floor in its
+    own units) recovery is a ratio of noise and is left undefined, with the reason."""
     gap = None if pre is None or post is None else post - pre
     recovery, note = None, None
     if gap is not None and target_pre is not None:
@@ -105,9 +83,23 @@ def metric_row(pre, post, target_pre=None, target_post=None, retrain=None,
                      target_pre=target_pre, target_post=target_post, retrain=retrain)
 
 
+def catalogued_row(name: str, pre, post, target_pre=None, target_post=None, retrain=None) -> MetricRow:
+    """`metric_row` with the noise floor the metric catalogue gives `name`."""
+    return metric_row(pre, post, target_pre, target_post, retrain, metric_catalog.get(name).min_forgetting)
+
+
 def save(result: RunResult, path: Path) -> None:
     store.write_json_atomic(path, json.loads(result.model_dump_json()))
 
 
 def load(path: Path) -> RunResult:
     return RunResult.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def stored_ok(path: Path) -> RunResult | None:
+    """The result stored at `path` if it is there, readable and ok; None otherwise (run it again)."""
+    try:
+        result = load(path) if Path(path).exists() else None
+    except (ValueError, OSError):
+        return None
+    return result if result is not None and result.status == "ok" else None

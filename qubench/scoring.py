@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qubench.evaluation.stage import Measured
-from qubench.results import (DEFAULT_MIN_FORGETTING, METRIC_HELP, MIN_FORGETTING, Diagnostics, MetricRow,
-                             metric_row)
+from qubench.evaluation.measure import Measured
+from qubench import metric_catalog
+from qubench.results import Diagnostics, MetricRow, catalogued_row
 
 
 def score(measured: Measured) -> dict[str, MetricRow]:
+    """One row per measured metric, in the catalogue's display order."""
     m = measured.by_model
-    names = [k for k in METRIC_HELP if any(k in row for row in m.values())]
+    measured_names = {name for row in m.values() for name in row}
+    unknown = measured_names - set(metric_catalog.BY_NAME)
+    if unknown:  # a metric without a catalogue entry would have no range, direction or noise floor
+        raise ValueError(f"measured metrics missing from qubench.metric_catalog: {sorted(unknown)}")
     get = lambda label, name: m.get(label, {}).get(name)
     return {
-        name: metric_row(get("pre", name), get("post", name), get("target_pre", name), get("target_post", name),
-                         get("retrain", name), MIN_FORGETTING.get(name, DEFAULT_MIN_FORGETTING))
-        for name in names
+        name: catalogued_row(name, get("pre", name), get("post", name), get("target_pre", name),
+                             get("target_post", name), get("retrain", name))
+        for name in metric_catalog.names() if name in measured_names
     }
 
 
@@ -29,7 +33,9 @@ def diagnostics_for(quant, target_dir: Path, unlearned_dir: Path, q_target: Path
 
     target = AutoModelForCausalLM.from_pretrained(target_dir)
     unlearned = AutoModelForCausalLM.from_pretrained(unlearned_dir)
-    deltas = diagnostics.weight_deltas(target, unlearned)
+    # The same weights the quantizer rounds (its `ignore` list included), so the update and the step
+    # describe one weight set.
+    deltas = diagnostics.weight_deltas(target, unlearned, quant.quantized_modules(target))
     step = diagnostics.mean_step(quant, target)
     disagreement = diagnostics.quantized_disagreement(quant.dequantized_weights(q_target),
                                                       quant.dequantized_weights(q_unlearned))

@@ -32,5 +32,9 @@ class RunSpec(Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eval_limit: int | None = Field(None, ge=1)  # evaluate only the first N probes of each set (smoke tests)
 
+    def engine_params(self) -> dict[str, Any]:
+        """The engine's parameters: its own, over the spec's evaluation batch size."""
+        return {"batch_size": self.batch_size, **self.engine.params}
+
     def run_id(self) -> str:
         return store.stable_hash(self.model_dump(mode="json"))

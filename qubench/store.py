@@ -121,6 +121,27 @@ def cached_dir(path: Path, build: Callable[[Path], Any]) -> Path:
     return path
 
 
+def cached_file(path: Path, build: Callable[[Path], Any]) -> Path:
+    """Return the file `path`, writing it with `build(tmp_file)` first if it does not exist yet: `build`
+    writes a temporary file beside it, which is renamed into place only once complete."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        if path.is_file():  # another process wrote it while this one waited
+            return path
+        remove_stale_temporaries(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_tag()}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            build(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared cache from its other users
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 def remove_cached(path: Path, blocking: bool = True) -> bool:
     """Delete a cached artifact (folder or file) so that it is never seen half-deleted: it is first
     renamed to a temporary name under its lock, then removed. False if not `blocking` and in use."""
@@ -147,6 +168,12 @@ def _umask() -> int:
     return mask
 
 
+def dump_json(fh, obj: Any) -> None:
+    """qubench's JSON file format (indented, key order kept, non-JSON values as strings)."""
+    json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+    fh.write("\n")
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_temp_tag()}.", dir=path.parent)
@@ -155,8 +182,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         # a leaderboard served by another user), so give it the permissions open() would.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+            dump_json(fh, obj)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qubench import diagnostics
-from qubench.quantizers.base import QuantizedWeights, per_weight
+from qubench.quantizers.base import QuantizedWeights, per_weight, quantizable_linears
 from qubench.quantizers.none import NoQuantization
 from qubench.quantizers.rtn import RTN4bit
 
@@ -77,7 +77,8 @@ def test_weight_deltas_by_hand(target):
     assert deltas["overall_mean_abs_delta"] == pytest.approx((0.001 * 4096 + 0.5) / total, rel=1e-5)
     assert deltas["overall_max_abs_delta"] == pytest.approx(0.5, rel=1e-6)
     # with lm_head quantized too, its change moves into the quantized numbers
-    assert diagnostics.weight_deltas(target, unlearned, ignore=[])["max_abs_delta"] == pytest.approx(0.5, rel=1e-6)
+    everything = quantizable_linears(target, [])
+    assert diagnostics.weight_deltas(target, unlearned, everything)["max_abs_delta"] == pytest.approx(0.5, rel=1e-6)
 
 
 def test_mean_step_is_the_average_group_scale(target):
@@ -121,3 +122,28 @@ def test_disagreement_compares_grid_levels_when_steps_are_known():
     assert diagnostics.quantized_disagreement({"m": levels}, {"m": moved}) == pytest.approx(1 / 8)
     with pytest.raises(ValueError, match="different modules"):
         diagnostics.quantized_disagreement({"m": levels}, {"n": levels})
+
+
+def test_diagnostics_describe_the_weights_the_quantizer_rounds(target, tiny_model_dir, tmp_path):
+    """With q_proj left in full precision (`ignore`), a change there is no part of the update measured
+    against the quantization step: update and step describe one weight set."""
+    from qubench.scoring import diagnostics_for
+
+    quant = RTN4bit.from_params({"group_size": 32, "ignore": ["lm_head", "re:.*q_proj$"]})
+    unlearned = copy.deepcopy(target)
+    with torch.no_grad():
+        unlearned.model.layers[0].self_attn.q_proj.weight += 0.25   # ignored by the quantizer
+        unlearned.model.layers[0].self_attn.k_proj.weight += 0.001  # quantized
+    folders = {}
+    for name, model in (("target", target), ("unlearned", unlearned)):
+        model.save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / name)
+        quant.quantize(tmp_path / name, tmp_path / f"q_{name}", calibration=[])
+        folders[name] = tmp_path / name
+    d = diagnostics_for(quant, folders["target"], folders["unlearned"], tmp_path / "q_target",
+                        tmp_path / "q_unlearned")
+    counted = QUANTIZED_COUNT - 2 * 64 * 64  # both layers' q_proj are out
+    assert d.extra["quantized_weight_count"] == counted
+    assert d.max_abs_delta == pytest.approx(0.001, rel=1e-3)
+    assert d.mean_abs_delta == pytest.approx(0.001 * 64 * 64 / counted, rel=1e-3)
+    assert d.extra["overall_max_abs_delta"] == pytest.approx(0.25, rel=1e-4)

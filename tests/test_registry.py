@@ -121,3 +121,69 @@ def test_cli_errors_print_brackets_verbatim(tmp_path, monkeypatch):
     monkeypatch.setenv("QUBENCH_HOME", str(tmp_path))
     res = CliRunner().invoke(main, ["run", "--method", "ga[bold]", "--results", str(tmp_path / "r")])
     assert res.exit_code == 2 and "'ga[bold]'" in res.output  # rich markup must not eat the name
+
+
+def test_a_third_party_family_resolver_builds_names_on_demand(tmp_path, monkeypatch):
+    """Composite names are the family's business, found through the `qubench.resolvers` entry point group
+    the built-in method compositions use too; a broken resolver is a warning, never an outage."""
+    (tmp_path / "quantresolver.py").write_text(textwrap.dedent('''
+        from qubench.quantizers.rtn import RTN4bit
+        def resolve(name):
+            if not name.startswith("rtn4-g"):
+                return None
+            return type(name, (RTN4bit,), {"name": name, "provided_by": "rtn-4bit"})
+    '''))
+    for dist, entry in (("quantresolver", "quantizers = quantresolver:resolve"),
+                        ("badresolver", "quantizers = badresolver_missing:resolve")):
+        info = tmp_path / f"{dist}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[{registry.RESOLVER_GROUP}]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert registry.get("quantizers", "rtn4-g64").name == "rtn4-g64"
+        assert registry.source("quantizers", "rtn4-g64") == registry.source("quantizers", "rtn-4bit")
+        with pytest.raises(ConfigError, match="unknown quantizer 'rtn5-bit'"):
+            registry.get("quantizers", "rtn5-bit")
+    assert any("badresolver" in str(w.message) for w in caught)
+    assert registry.get("methods", "npo_klr+hinge").provided_by == "npo_klr"
+
+
+def test_the_registry_imports_no_plugin_family_and_the_package_has_no_import_cycle():
+    import ast
+    import subprocess
+    from pathlib import Path
+
+    code = "import sys, qubench.registry; print(sorted(m for m in sys.modules if m.startswith('qubench.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent).stdout
+    assert "qubench.methods" not in loaded and "qubench.quantizers" not in loaded
+
+    root = Path(registry.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py") if "lm_eval_tasks" not in p.parts}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level: what importing the module runs
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+
+    def cycle_from(start, node, seen):
+        for dep in graph[node]:
+            if dep == start:
+                return [node, dep]
+            if dep not in seen:
+                seen.add(dep)
+                if found := cycle_from(start, dep, seen):
+                    return [node, *found]
+        return None
+
+    cycles = [c for m in graph if (c := cycle_from(m, m, set()))]
+    assert cycles == []

@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from qubench import registry
 from qubench.errors import ConfigError
-from qubench.methods import hinge as hinge_module
 from qubench.methods.base import UnlearnContext
 from qubench.methods.compose import compose
 from qubench.methods.data import chunk_documents, collate
 from qubench.methods.ga import GA_GDR
-from qubench.methods.hinge import LogitCache, _select, derive_delta_q, hinge_loss
+from qubench.methods.hinge import LogitCache, _select, derive_delta_q, hinge_loss, write_logit_cache
+from qubench.stages import HingeLogits
 from qubench.methods.lora import add_adapters
 from qubench.methods.losses import gradient_ascent_loss, logits_of
 from qubench.methods.saliency import exclude_rows_from_decay
@@ -97,7 +97,7 @@ def test_cached_target_logits_are_exact_and_gradient_reaches_only_the_model(tiny
     target = load(tiny_model_dir)
     windows, batch, pad_id = forget_batch(tiny_model_dir)
     path = tmp_path / "cache.safetensors"
-    LogitCache.build(path, target, windows, pad_id, top_k=None)
+    write_logit_cache(path, target, windows, pad_id, top_k=None)
     cached, ids = LogitCache(path, windows).batch(batch)
     assert ids is None and not cached.requires_grad
     with torch.no_grad():
@@ -116,11 +116,10 @@ def test_cached_target_logits_are_exact_and_gradient_reaches_only_the_model(tiny
 
 def test_logit_cache_is_built_once_and_reused_from_disk(tiny_model_dir, tmp_path, monkeypatch, private_home):
     builds = []
-    real_build = LogitCache.build.__func__
-    spy = classmethod(lambda cls, *args, **kw: builds.append(1) or real_build(cls, *args, **kw))
-    monkeypatch.setattr(LogitCache, "build", spy)
+    real_build = HingeLogits.build
+    monkeypatch.setattr(HingeLogits, "build", lambda self, tmp: builds.append(1) or real_build(self, tmp))
     first = run("quail", FAST, tiny_model_dir, tmp_path / "a")
-    [cache_file] = (private_home / hinge_module.CACHE_DIR).glob("*.safetensors")
+    [cache_file] = (private_home / HingeLogits.kind).glob("*.safetensors")
     stamp = cache_file.stat().st_mtime_ns
     second = run("quail", FAST, tiny_model_dir, tmp_path / "b")
     assert len(builds) == 1 and cache_file.stat().st_mtime_ns == stamp

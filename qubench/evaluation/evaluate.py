@@ -1,10 +1,10 @@
 """Measure one model with MUSE's metrics.
 
-Generation metrics (VerbMem, KnowMem) run as lm-eval tasks from the repo's
-`tasks/qubench_muse` folder through the engine's `LM`; PrivLeak is computed
-here from the engine's per-token log-probs. Tasks with a classification view
-(`classify/` in the data folder) also get label accuracy from the
-`multiple_choice` tasks in `tasks/qubench_classify`, which need the LM's
+Generation metrics (VerbMem, KnowMem) run as lm-eval tasks from the package's
+`lm_eval_tasks/qubench_muse` folder (`tasks/` in the repository) through the
+engine's `LM`; PrivLeak is computed here from the engine's per-token log-probs.
+Tasks with a classification view (`classify/` in the data folder) also get label
+accuracy from the `multiple_choice` tasks in `lm_eval_tasks/qubench_classify`, which need the LM's
 loglikelihood. Nothing is cached to disk and no hub access is needed: task
 data is read from `data_root`.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qubench import metric_catalog
 from qubench.engines.base import Engine
 from qubench.errors import ConfigError
 from qubench.evaluation.metrics import cut_at_stop_words, min_k_score, privleak, privleak_auc_from_scores
@@ -27,21 +28,10 @@ from qubench.tasks.muse_layout import TaskData
 
 TASKS_DIR_ENV = "QUBENCH_TASKS_DIR"
 TASK_FOLDER = "qubench_muse"
-#: lm-eval task -> qubench metric name.
-GENERATION_TASKS = {
-    "qubench_verbmem_forget": "verbmem_f",
-    "qubench_verbmem_holdout": "verbmem_holdout",
-    "qubench_verbmem_retain": "verbmem_r",
-    "qubench_knowmem_forget": "knowmem_f",
-    "qubench_knowmem_retain": "knowmem_r",
-}
-#: lm-eval task -> qubench metric name, for tasks with a classification view (accuracy x100).
-CLASSIFY_TASKS = {
-    "qubench_classify_forget": "cls_f",
-    "qubench_classify_holdout": "cls_holdout",
-    "qubench_classify_retain": "cls_r",
-    "qubench_classify_test": "cls_test",
-}
+#: lm-eval task -> qubench metric name, from the metric catalogue: generation tasks (ROUGE-L) and,
+#: for tasks with a classification view, multiple-choice tasks (accuracy x100).
+GENERATION_TASKS = {m.lm_eval_task: m.name for m in metric_catalog.METRICS if m.view == "generation"}
+CLASSIFY_TASKS = {m.lm_eval_task: m.name for m in metric_catalog.METRICS if m.view == "classification"}
 CLASSIFY_FOLDER = "qubench_classify"
 _LM_EVAL_METRIC = "rougeL_f1,none"
 _ACC_METRIC = "acc,none"
@@ -64,12 +54,19 @@ class EvalReport:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
+def packaged_tasks_dir() -> Path:
+    """The task suite shipped inside the qubench package (`tasks/` in the repository links to it)."""
+    from importlib.resources import files
+
+    return Path(str(files("qubench") / "lm_eval_tasks"))
+
+
 def tasks_dir() -> Path:
-    """The folder lm-eval searches for task YAMLs: $QUBENCH_TASKS_DIR, else <repo>/tasks."""
+    """The folder lm-eval searches for task YAMLs: $QUBENCH_TASKS_DIR, else the packaged suite."""
     override = os.environ.get(TASKS_DIR_ENV)
-    path = Path(override).expanduser() if override else Path(__file__).resolve().parents[2] / "tasks"
+    path = Path(override).expanduser() if override else packaged_tasks_dir()
     if not (path / TASK_FOLDER).is_dir():
-        source = f"${TASKS_DIR_ENV}" if override else "the qubench checkout"
+        source = f"${TASKS_DIR_ENV}" if override else "the installed qubench package"
         raise ConfigError(
             f"lm-eval task folder {path / TASK_FOLDER} not found (tasks dir from {source}); "
             f"set {TASKS_DIR_ENV} to the folder that contains {TASK_FOLDER}/"

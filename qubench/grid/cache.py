@@ -11,13 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qubench import store
+from qubench.stages import OTHER_KINDS, STAGE_KINDS
 
-KINDS = ("tasks", "models", "unlearned", "quantized", "evals")
+#: Every kind of artifact a run can leave under QUBENCH_HOME, in pipeline order, with its description.
+KINDS: dict[str, str] = {**{kind: cls.description for kind, cls in STAGE_KINDS.items()}, **OTHER_KINDS}
 
 
 @dataclass
 class KindUsage:
     kind: str
+    description: str = ""
     entries: int = 0
     bytes: int = 0
     stale_temporaries: int = 0     # leftovers of interrupted builds (their process is gone)
@@ -57,7 +60,8 @@ def usage() -> CacheUsage:
     out = CacheUsage(home=str(store.home()))
     for kind in KINDS:
         live, dead = entries(kind), stale(kind)
-        out.kinds.append(KindUsage(kind, len(live), sum(map(size_of, live)), len(dead), sum(map(size_of, dead))))
+        out.kinds.append(KindUsage(kind, KINDS[kind], len(live), sum(map(size_of, live)), len(dead),
+                                   sum(map(size_of, dead))))
     return out
 
 

@@ -15,10 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 from qubench import store
-from qubench.grid.plan import Group, Resolver
+from qubench.grid.plan import Group, StageWalker
+from qubench.stages import Quantized, Unlearned
 
 KEEP_POLICIES = ("checkpoints", "results")
-PRUNED_KINDS = ("unlearned", "quantized")
+PRUNED_KINDS = (Unlearned.kind, Quantized.kind)
 
 
 def _listing() -> set[Path]:
@@ -38,7 +39,7 @@ class Pruner:
         self.before = _listing() if policy == "results" else set()
         self.open_groups = Counter((g.task, g.seed) for g in groups)
         self.shared: dict[tuple[str, int], set[Path]] = {}
-        self.resolver = Resolver()
+        self.walker = StageWalker()
         self.pruned: list[Path] = []
 
     def group_done(self, group: Group) -> None:
@@ -47,12 +48,13 @@ class Pruner:
         own, shared = set(), self.shared.setdefault((group.task, group.seed), set())
         for cell in group.cells:
             try:
-                a = self.resolver.artifacts(cell.spec)
+                needs = self.walker.walk(cell.spec)
             except Exception:  # e.g. the task data never got built: nothing of this cell to prune
                 continue
-            own |= {p for p in (a.unlearned, a.q_unlearned) if p is not None}
-            if a.q_target is not None:
-                shared.add(a.q_target)
+            built = {role: n.key for role, n in needs.items() if n.exists and not n.symbolic}
+            own |= {built[role] for role in ("unlearned", "q_unlearned") if role in built}
+            if "q_target" in built:
+                shared.add(built["q_target"])
         self._delete(own - shared)  # the `target` method's quantized model is the quantized target itself
         self.open_groups[(group.task, group.seed)] -= 1
         if self.open_groups[(group.task, group.seed)] == 0:

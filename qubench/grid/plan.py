@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench import pipeline, registry, results
+from qubench.stages import TrainedModels
+from qubench.stages.run import Plugins, RunStages
 from qubench.grid.spec import GridSpec
 from qubench.specs import RunSpec
 
@@ -69,19 +71,19 @@ def all_cells(groups: list[Group]) -> list[Cell]:
 
 
 def stored_status(cell: Cell, results_dir: Path) -> str | None:
-    """"ok" or "failed" for a stored result of the cell's exact spec, None if there is none."""
+    """"ok" or "failed" (or unreadable: run it again) for a stored result of the cell's exact spec,
+    None if there is none."""
     path = cell.result_file(results_dir)
     if not path.exists():
         return None
-    try:
-        return results.load(path).status
-    except (ValueError, OSError):
-        return "failed"  # unreadable: run it again
+    return "ok" if results.stored_ok(path) is not None else "failed"
 
 
 # --- dry-run counts -------------------------------------------------------------------------------
 
-STAGES = ("task data", "target/retrain models", "unlearned models", "quantized checkpoints", "evaluations")
+#: Rows of the dry-run table: the stage kinds a cell needs, in pipeline order.
+STAGES = {"tasks": "task data", "models": "target/retrain models", "unlearned": "unlearned models",
+          "quantized": "quantized checkpoints", "evals": "evaluations"}
 
 
 @dataclass
@@ -100,7 +102,8 @@ class PlanCounts:
     cells: int = 0
     cells_done: int = 0          # an ok result is stored: never run again
     cells_failed_before: int = 0  # a failed result is stored: run again
-    stages: dict[str, StageCount] = field(default_factory=lambda: OrderedDict((s, StageCount(s)) for s in STAGES))
+    stages: dict[str, StageCount] = field(
+        default_factory=lambda: OrderedDict((s, StageCount(s)) for s in STAGES.values()))
     exact: bool = True           # False when upstream stages are missing, so downstream keys are estimates
 
     def as_dict(self) -> dict:
@@ -110,136 +113,98 @@ class PlanCounts:
                            for s in self.stages.values()}}
 
 
-@dataclass
-class Artifacts:
-    """The cache paths of one cell's stages; None where an upstream artifact does not exist yet."""
+@dataclass(frozen=True)
+class Need:
+    """One artifact a cell needs: its path, or a symbolic stand-in while an input is not built yet
+    (content-keyed stages can only be named once their inputs exist)."""
 
-    data_dir: Path
-    data: object | None
-    models_key: object              # the models' cache folder, or a symbolic key for models not here
-    target: Path | None
-    retrain: Path | None
-    has_retrain: bool
-    unlearned: Path | None          # computable once the target exists
-    q_target: Path | None           # computable once the target and the task data exist
-    q_unlearned: Path | None
+    kind: str
+    key: object
+    exists: bool
+    symbolic: bool = False
 
 
-class Resolver:
-    """Computes cells' cache paths, with plugins and task data loaded once."""
+class StageWalker:
+    """Names the stages of cells' specs as far as their inputs exist (never building anything), with
+    plugins and task data loaded once for the whole grid. Shared by the planner and the pruner."""
 
     def __init__(self):
         self._plugins: dict[str, object] = {}
         self._data: dict[Path, object] = {}
 
-    def plugin(self, family: str, ref, extra: dict | None = None):
-        params = {**(extra or {}), **ref.params}
-        k = json.dumps([family, ref.name, params], sort_keys=True, default=str)
+    def _create(self, family: str, name: str, params: dict):
+        k = json.dumps([family, name, params], sort_keys=True, default=str)
         if k not in self._plugins:
-            self._plugins[k] = registry.create(family, ref.name, params)
+            self._plugins[k] = registry.create(family, name, params)
         return self._plugins[k]
 
-    def data(self, data_dir: Path):
+    def stages(self, spec: RunSpec) -> RunStages:
+        return RunStages(spec, Plugins.from_spec(spec, create=self._create))
+
+    def _load(self, data_dir: Path):
         if data_dir not in self._data:
             from qubench.tasks import muse_layout
 
             self._data[data_dir] = muse_layout.load(data_dir)
         return self._data[data_dir]
 
-    def artifacts(self, spec: RunSpec) -> Artifacts:
-        from qubench.models.prepare import seeded_recipe, task_dir, trained_models_dir
+    def walk(self, spec: RunSpec) -> dict[str, Need]:
+        """The cell's artifacts by role: data, models, unlearned, q_target, q_unlearned, and one
+        eval:<label> per measurement."""
+        st = self.stages(spec)
+        task_stage = st.task_data()
+        data = self._load(task_stage.path()) if task_stage.exists() else None
+        needs = {"data": Need("tasks", task_stage.path(), data is not None)}
 
-        task = self.plugin("tasks", spec.task)
-        data_dir = task_dir(task)
-        data = self.data(data_dir) if data_dir.is_dir() else None
-        recipe = seeded_recipe(task, spec.seed)
-        if spec.model is not None or recipe is None:
-            target_ref = spec.model or task.default_target
-            retrain_ref = spec.retrain_model or (task.default_retrain if spec.model is None else None)
-            target, retrain = _local_model(target_ref), _local_model(retrain_ref)
-            models_key, has_retrain = ("models", target_ref, retrain_ref), retrain_ref is not None
+        models_stage = st.models(data)
+        models = None
+        if isinstance(models_stage, TrainedModels) and data is None:
+            models_key = ("models", spec.task.name, json.dumps(spec.task.params, sort_keys=True), spec.seed)
+            needs["models"] = Need("models", models_key, False, symbolic=True)
+        elif isinstance(models_stage, TrainedModels):
+            models_key = models_stage.path()
+            needs["models"] = Need("models", models_key, models_stage.exists())
+            models = models_stage.prepared() if models_stage.exists() else None
         else:
-            root = trained_models_dir(task, data, recipe) if data is not None else None
-            models_key = root or ("models", spec.task.name, json.dumps(spec.task.params, sort_keys=True), spec.seed)
-            built = root is not None and root.is_dir()
-            target, retrain = (root / "target", root / "retrain") if built else (None, None)
-            has_retrain = True
-        method = self.plugin("methods", spec.method)
-        quant = self.plugin("quantizers", spec.quant)
-        unlearned = pipeline.unlearned_path(method, spec.seed, target) if target is not None else None
-        ready = unlearned is not None and unlearned.is_dir()
-        q_target = pipeline.quantized_path(quant, target, data) if target is not None and data is not None else None
-        q_unlearned = pipeline.quantized_path(quant, unlearned, data) if ready and data is not None else None
-        return Artifacts(data_dir, data, models_key, target, retrain, has_retrain, unlearned, q_target, q_unlearned)
+            models_key = ("models", models_stage.target_ref, models_stage.retrain_ref)
+            models = models_stage.prepared()
+            needs["models"] = Need("models", models_key, models is not None)
+        has_retrain = isinstance(models_stage, TrainedModels) or models_stage.retrain_ref is not None
 
-
-class _StageKeys:
-    """Collects each stage's artifacts (deduplicated by cache path) for the cells still to run."""
-
-    def __init__(self):
-        self.keys: dict[str, dict[object, bool]] = {s: {} for s in STAGES}
-        self.resolver = Resolver()
-        self.exact = True
-
-    def add(self, stage: str, key, exists: bool) -> None:
-        self.keys[stage][key] = self.keys[stage].get(key, False) or exists
-
-    def cell(self, spec: RunSpec) -> None:
-        a = self.resolver.artifacts(spec)
-        quant = self.resolver.plugin("quantizers", spec.quant)
-        self.add("task data", a.data_dir, a.data is not None)
-        self.add("target/retrain models", a.models_key, a.target is not None)
-        method_key = ("unlearned", a.models_key, spec.method.name, json.dumps(spec.method.params, sort_keys=True),
-                      spec.seed)
-        self.add("unlearned models", a.unlearned or method_key, a.unlearned is not None and a.unlearned.is_dir())
-        unlearned = a.unlearned if a.unlearned is not None and a.unlearned.is_dir() else None
+        quant = st.plugins.quant
         quant_key = (quant.name, json.dumps(quant.params(), sort_keys=True))
-        self.add("quantized checkpoints", a.q_target or ("quantized", a.models_key, quant_key),
-                 a.q_target is not None and a.q_target.is_dir())
-        self.add("quantized checkpoints", a.q_unlearned or ("quantized", method_key, quant_key),
-                 a.q_unlearned is not None and a.q_unlearned.is_dir())
+        method_key = ("unlearned", models_key, spec.method.name, json.dumps(spec.method.params, sort_keys=True),
+                      spec.seed)
+        ready = models is not None and data is not None
+        unlearned = st.unlearned(models, data) if ready else None
+        needs["unlearned"] = (Need("unlearned", unlearned.path(), unlearned.exists()) if unlearned is not None
+                              else Need("unlearned", method_key, False, symbolic=True))
+        unlearned_dir = unlearned.path() if unlearned is not None and unlearned.exists() else None
+        q_target = st.quantized(models.target_dir, data) if ready else None
+        needs["q_target"] = (Need("quantized", q_target.path(), q_target.exists()) if q_target is not None
+                             else Need("quantized", ("quantized", models_key, quant_key), False, symbolic=True))
+        q_unlearned = st.quantized(unlearned_dir, data) if ready and unlearned_dir is not None else None
+        needs["q_unlearned"] = (Need("quantized", q_unlearned.path(), q_unlearned.exists()) if q_unlearned
+                                else Need("quantized", ("quantized", method_key, quant_key), False, symbolic=True))
 
-        evals = None
-        if a.data is not None:
-            engine = self.resolver.plugin("engines", spec.engine, {"batch_size": spec.batch_size})
-            evals = pipeline.SharedEvalStage(engine, spec, a.data, a.data_dir, log=lambda msg: None)
-        settings = (spec.engine.name, json.dumps(spec.engine.params, sort_keys=True), spec.batch_size,
-                    spec.eval_limit, spec.dtype)
-        measured = [(("target", a.models_key), a.target),
-                    (("target/q", a.models_key, quant_key), _existing(a.q_target)),
-                    (method_key, unlearned),
-                    ((method_key, quant_key), _existing(a.q_unlearned))]
-        if a.has_retrain:
-            measured.append((("retrain", a.models_key), a.retrain))
-        for symbolic, model_dir in measured:
-            if model_dir is not None and evals is not None:
-                path = evals.cache_path(model_dir)
-                self.add("evaluations", path, path.exists())
+        existing = lambda need: need.key if need.exists and not need.symbolic else None
+        setup = st.eval_setup(data, task_stage.path()) if data is not None else None
+        symbols = {"retrain": ("retrain", models_key), "target_pre": ("target", models_key),
+                   "target_post": ("target/q", models_key, quant_key), "pre": method_key,
+                   "post": (method_key, quant_key)}
+        found = {}
+        if setup is not None and models is not None:
+            found = st.evaluations(setup, models, unlearned_dir, existing(needs["q_target"]),
+                                   existing(needs["q_unlearned"]))
+        settings = (spec.engine.name, json.dumps(spec.engine_params(), sort_keys=True), spec.eval_limit, spec.dtype)
+        for label, symbol in symbols.items():
+            if label == "retrain" and not has_retrain:
+                continue
+            if label in found:
+                needs[f"eval:{label}"] = Need("evals", found[label].path(), found[label].exists())
             else:
-                self.exact = False
-                self.add("evaluations", ("eval", symbolic, settings), False)
-        if unlearned is None or a.data is None:
-            self.exact = False
-
-
-def _existing(path: Path | None) -> Path | None:
-    return path if path is not None and path.is_dir() else None
-
-
-def _local_model(ref: str | None) -> Path | None:
-    """The folder of an existing model, without downloading anything; None if it is not here yet."""
-    if ref is None:
-        return None
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(ref, "config.json")
-        return Path(found).parent if isinstance(found, str) else None
-    except Exception:
-        return None
+                needs[f"eval:{label}"] = Need("evals", ("eval", symbol, settings), False, symbolic=True)
+        return needs
 
 
 def count(groups: list[Group], results_dir: Path) -> PlanCounts:
@@ -249,7 +214,8 @@ def count(groups: list[Group], results_dir: Path) -> PlanCounts:
     an upstream artifact does not exist yet its downstream keys are estimated (`exact` is False):
     e.g. the `target` method's model is the target itself, which is only known once it exists."""
     counts = PlanCounts()
-    keys = _StageKeys()
+    walker = StageWalker()
+    found: dict[str, dict[object, bool]] = {kind: {} for kind in STAGES}
     for cell in all_cells(groups):
         counts.cells += 1
         status = stored_status(cell, results_dir)
@@ -257,9 +223,10 @@ def count(groups: list[Group], results_dir: Path) -> PlanCounts:
             counts.cells_done += 1
             continue
         counts.cells_failed_before += status == "failed"
-        keys.cell(cell.spec)
-    for stage, found in keys.keys.items():
-        counts.stages[stage].needed = len(found)
-        counts.stages[stage].cached = sum(found.values())
-    counts.exact = keys.exact
+        for need in walker.walk(cell.spec).values():
+            found[need.kind][need.key] = found[need.kind].get(need.key, False) or need.exists
+            counts.exact &= not need.symbolic
+    for kind, keys in found.items():
+        row = counts.stages[STAGES[kind]]
+        row.needed, row.cached = len(keys), sum(keys.values())
     return counts

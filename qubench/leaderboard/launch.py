@@ -17,7 +17,12 @@ def streamlit_command(results: list[Path], submissions: Path | None, no_submissi
     if importlib.util.find_spec("streamlit") is None:
         raise ConfigError("the leaderboard needs Streamlit and Altair: pip install -e '.[leaderboard]'")
     if not APP.is_file():
-        raise ConfigError(f"{APP} not found: the leaderboard runs from a qubench checkout")
+        # The page, its reference grid (leaderboard/reference/) and submissions/ are the repository's,
+        # not the package's: an installed wheel has none of them.
+        raise ConfigError(
+            f"{APP} not found: the leaderboard page, the reference grid it shows (leaderboard/reference/) and "
+            "submissions/ ship with the qubench repository, not with the installed package. Clone the repository "
+            "and run `qubench leaderboard` from there (pip install -e '.[leaderboard]')")
     for folder in results:
         if not Path(folder).is_dir():
             raise ConfigError(f"results folder {folder} does not exist")

@@ -4,13 +4,14 @@ bootstrap interval (qubench.grid.aggregate.bootstrap_mean, so the numbers match 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qubench import store
+from qubench import metric_catalog, store
 from qubench.leaderboard.data import Board, Run, Source
 from qubench.results import RunResult
 
@@ -21,19 +22,6 @@ except ImportError:  # pragma: no cover - the grid package ships with qubench
 
 FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
 BASELINE_METHODS = ("target", "retrain")
-
-
-class TaskView(BaseModel):
-    """Which metrics stand for forgetting and utility on a kind of task."""
-
-    forget: str
-    forget2: str | None
-    utility: str
-
-
-#: In order of preference: the first view whose forget metric a run has is used.
-VIEWS = (TaskView(forget="verbmem_f", forget2="knowmem_f", utility="knowmem_r"),
-         TaskView(forget="cls_f", forget2=None, utility="cls_test"))
 
 
 class Strict(BaseModel):
@@ -168,10 +156,10 @@ def _row(source: Source, runs: list[Run]) -> Row:
         library = f"{library} {scheme['library_version']}"
     engine = resolved.get("engine") or {}
     names = {n for r in runs for n in r.result.metrics}
-    view = next((v for v in VIEWS if v.forget in names), None)
+    view = next((h for h in metric_catalog.HEADLINES if h.forget in names), None)
     declared = ((resolved.get("task") or {}).get("utility_metric"))
     if view is not None and view.utility != "cls_test" and declared in names:
-        view = view.model_copy(update={"utility": declared})  # the task's own choice (Task.utility_metric)
+        view = replace(view, utility=declared)  # the task's own choice (Task.utility_metric)
     target = ((resolved.get("models") or {}).get("target") or {})
     model = spec.model or f"task's own target ({target.get('fingerprint', '?')})"
     group_size = scheme.get("group_size", scheme.get("block_size"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from qubench.plugin import Plugin
 from qubench.tasks.muse_layout import TaskData
@@ -38,6 +38,10 @@ class UnlearnOutcome:
 
 
 class UnlearnMethod(Plugin):
+    #: True when the method's output depends on the retrain model (the `retrain` reference copies it),
+    #: so that the unlearned model's cache key includes the retrain model's content.
+    uses_retrain_model: ClassVar[bool] = False
+
     @abstractmethod
     def unlearn(self, ctx: UnlearnContext) -> UnlearnOutcome:
         """Write the unlearned model to `ctx.out_dir` (model + tokenizer, save_pretrained)."""

@@ -148,6 +148,7 @@ def _build(base_name: str, modifier_names: tuple[str, ...]) -> type[ComposedMeth
         "Config": _merged_config(base, mods),
         "base_method": base,
         "modifiers": mods,
+        "provided_by": base_name,
         "__module__": __name__,
     }
     return type(name, (ComposedMethod, base), namespace)
@@ -156,3 +157,9 @@ def _build(base_name: str, modifier_names: tuple[str, ...]) -> type[ComposedMeth
 def compose(spec: str) -> type[ComposedMethod]:
     """The method class for "base+modifier[+modifier...]" (cached: one class per canonical spec)."""
     return _build(*parse(spec))
+
+
+def resolve(name: str) -> type[ComposedMethod] | None:
+    """The registry's resolver for the methods family (entry point `qubench.resolvers: methods`):
+    a composition for names with a "+", None for every other name."""
+    return compose(name) if SEPARATOR in name else None

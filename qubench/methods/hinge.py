@@ -5,8 +5,8 @@ least half a quantization step away from the target's, so rounding cannot map th
               max(0, delta_q / 2 - |z'_{t,k} - z_{t,k}|)
 
 z are the target's logits on the forget windows, computed once before
-training and cached on disk (QUBENCH_HOME/hinge_logits, keyed by the target's
-fingerprint, a hash of the forget windows' token ids and K): they are plain
+training and cached on disk (the `HingeLogits` stage: QUBENCH_HOME/hinge_logits,
+keyed by the target's fingerprint, a hash of the forget windows' token ids and K): they are plain
 tensors without a graph, so the gradient reaches only the unlearned model z'.
 Every real (non-padding) position counts, the last one of a window too, as in
 the KL retain term: its logits are the model's behaviour on forget text.
@@ -30,9 +30,6 @@ plugin (e.g. "rtn-4bit", with its default parameters) to derive it from; see
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -42,15 +39,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from qubench import store
-from qubench.errors import ConfigError
-from qubench.fingerprint import model_fingerprint
 from qubench.methods.data import TokenBatch, collate
 from qubench.methods.losses import logits_of
 from qubench.methods.train_loop import TrainHook, TrainSession
 from qubench.plugin import PluginConfig
 
-CACHE_DIR = "hinge_logits"
 BATCH = 8                  # windows per forward pass while filling the cache
 DELTA_WINDOWS = 64         # forget windows the delta_q derivation measures on (bounded cost)
 
@@ -103,10 +96,6 @@ def _select(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torc
     return values, ids
 
 
-def windows_hash(windows: list[list[int]]) -> str:
-    return store.stable_hash(windows)
-
-
 @torch.no_grad()
 def _target_logits(model, windows: list[list[int]], pad_id: int, top_k: int | None):
     """Per window: the K logits (and ids) at each of its positions, concatenated along time."""
@@ -126,6 +115,16 @@ def _target_logits(model, windows: list[list[int]], pad_id: int, top_k: int | No
     return values, ids
 
 
+def write_logit_cache(path: Path, model, windows: list[list[int]], pad_id: int, top_k: int | None) -> None:
+    """Write the target's logits on `windows` (as `LogitCache` reads them) to the safetensors file `path`."""
+    values, ids = _target_logits(model, windows, pad_id, top_k)
+    offsets = torch.tensor([0] + [len(w) for w in windows]).cumsum(0)
+    tensors = {"values": torch.cat(values).float(), "offsets": offsets}
+    if top_k is not None:
+        tensors["ids"] = torch.cat(ids)
+    save_file(tensors, str(path))
+
+
 class LogitCache:
     """The target's forget logits on disk, read lazily one window's slice at a time."""
 
@@ -139,22 +138,6 @@ class LogitCache:
         # Batches carry token ids, not window indices: the right-padded real tokens of a row are
         # the window itself, so its content finds its slice (identical windows share logits).
         self._index = {tuple(w): i for i, w in enumerate(windows)}
-
-    @classmethod
-    def build(cls, path: Path, model, windows: list[list[int]], pad_id: int, top_k: int | None) -> None:
-        values, ids = _target_logits(model, windows, pad_id, top_k)
-        offsets = torch.tensor([0] + [len(w) for w in windows]).cumsum(0)
-        tensors = {"values": torch.cat(values).float(), "offsets": offsets}
-        if top_k is not None:
-            tensors["ids"] = torch.cat(ids)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:  # written aside and renamed: a half-written cache is never read back as complete
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def batch(self, forget: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached logits (and ids) for a right-padded forget batch, padded to its shape."""
@@ -234,35 +217,20 @@ class LogitHinge(TrainHook):
         self.met_sum, self.calls = 0.0, 0
 
     def before_training(self, session: TrainSession) -> None:
+        from qubench.stages.hinge import HingeLogits, HingeMargin
+
         target = Path(session.ctx.target_dir)
-        key = {"model": model_fingerprint(target), "windows": windows_hash(session.forget), "top_k": self.top_k}
-        folder = store.home() / CACHE_DIR
-        self.delta_q = self._delta_q(session, folder, key)
-        path = folder / f"{store.stable_hash(key)}.safetensors"
-        self.cache_reused = path.exists()
-        if not self.cache_reused:
-            # The model has not been trained yet: its logits are the target's.
-            LogitCache.build(path, session.reference or session.model, session.forget, session.pad_id, self.top_k)
-        self.cache = LogitCache(path, session.forget)
+        if isinstance(self.delta_setting, str):
+            from qubench import registry
 
-    def _delta_q(self, session: TrainSession, folder: Path, key: dict) -> float:
-        if not isinstance(self.delta_setting, str):
-            return float(self.delta_setting)
-        from qubench import registry
-
-        quantizer = registry.create("quantizers", self.delta_setting)
-        setting = {**key, "quant": quantizer.name, "params": quantizer.params()}
-        path = folder / f"delta-{store.stable_hash(setting)}.json"
-        if path.exists():
-            return json.loads(path.read_text())["delta_q"]
-        delta = derive_delta_q(quantizer, session.ctx.target_dir, session.forget, session.pad_id, self.top_k)
-        if not delta > 0:
-            raise ConfigError(
-                f"hinge_delta_q={self.delta_setting!r}: this quantizer leaves the logits unchanged (no rounding "
-                "grid), so it gives no margin; set hinge_delta_q to a number instead"
-            )
-        store.write_json_atomic(path, {"delta_q": delta, "quantizer": quantizer.name, "params": quantizer.params()})
-        return delta
+            quantizer = registry.create("quantizers", self.delta_setting)
+            self.delta_q = HingeMargin(quantizer, target, session.forget, self.top_k, session.pad_id).delta_q()
+        else:
+            self.delta_q = float(self.delta_setting)
+        # The model has not been trained yet: its logits are the target's.
+        stage = HingeLogits(target, session.forget, self.top_k, session.reference or session.model, session.pad_id)
+        self.cache_reused = stage.exists()
+        self.cache = LogitCache(stage.get(), session.forget)
 
     def extra_terms(self, model, forget: TokenBatch) -> dict[str, torch.Tensor]:
         target, ids = self.cache.batch(forget)

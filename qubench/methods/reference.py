@@ -33,6 +33,7 @@ class Target(UnlearnMethod):
 class Retrain(UnlearnMethod):
     name = "retrain"
     description = "The model trained without the forget set (the gold standard of unlearning)."
+    uses_retrain_model = True
 
     def unlearn(self, ctx: UnlearnContext) -> UnlearnOutcome:
         if ctx.retrain_dir is None:

@@ -1,8 +1,5 @@
-"""Stage 1-2 of the pipeline: task data -> target and retrain models, cached.
-
-Offline tasks get a tokenizer and tiny Llama models trained here, keyed by a
-hash of the data and the recipe; other tasks (or `--model`) point at an
-existing save_pretrained folder or a hub ID.
+"""How target and retrain models are obtained: trained here for offline tasks (a tokenizer and tiny
+Llama models, cached by the `TrainedModels` stage), or existing save_pretrained folders and hub IDs.
 """
 
 from __future__ import annotations
@@ -10,45 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from qubench import store
 from qubench.errors import ConfigError
 from qubench.models.pretrain import build_model, encode_docs, fit
 from qubench.models.tokenizer import train_tokenizer
 from qubench.tasks.base import Task, TrainRecipe
 from qubench.tasks.muse_layout import TaskData
-
-# Bump when the training code changes in a way that changes the weights, so old caches are not reused.
-TRAINING_CODE_VERSION = 1
-# Bump when what tasks write changes (e.g. a new probe file), so task folders are rebuilt.
-TASK_LAYOUT_VERSION = 2
-
-
-@dataclass(frozen=True)
-class PreparedModels:
-    target_dir: Path
-    retrain_dir: Path | None
-    target_id: str      # what the user would pass to --model to get this target again
-    retrain_id: str | None
-    recipe: dict | None  # the training recipe, when trained here
-
-
-def task_dir(task: Task) -> Path:
-    """Where the task's data folder is cached (it may not exist yet)."""
-    key = f"{task.name}-{store.stable_hash({'params': task.params(), 'v': TASK_LAYOUT_VERSION, **_source(task)})}"
-    return store.home() / "tasks" / key
-
-
-def prepare_task(task: Task) -> Path:
-    """Materialise the task's data folder once per (task, parameters)."""
-    return store.cached_dir(task_dir(task), task.materialize)
-
-
-def _source(task: Task) -> dict:
-    fingerprint = task.source_fingerprint()
-    return {} if fingerprint is None else {"source": fingerprint}  # keeps existing cache keys of other tasks
 
 
 def resolve_model(ref: str) -> Path:
@@ -85,43 +50,8 @@ def seeded_recipe(task: Task, seed: int = 0) -> TrainRecipe | None:
     return recipe.model_copy(update={"seed": recipe.seed + seed})
 
 
-def trained_models_dir(task: Task, data: TaskData, recipe: TrainRecipe) -> Path:
-    """Where the target/retrain pair trained with `recipe` is cached (it may not exist yet)."""
-    key = store.stable_hash(
-        # Only what the models are trained on: new probe files must not invalidate trained models.
-        {"forget": store.stable_hash(data.forget), "retain": store.stable_hash(data.retain),
-         "generic": store.stable_hash(task.generic_corpus()),
-         "recipe": recipe.model_dump(), "v": TRAINING_CODE_VERSION}
-    )
-    return store.home() / "models" / f"{task.name}-{key}"
-
-
-def prepare_models(
-    task: Task, data: TaskData, model: str | None = None, retrain_model: str | None = None, progress: bool = True,
-    seed: int = 0,
-) -> PreparedModels:
-    recipe = seeded_recipe(task, seed)
-    if model is not None or recipe is None:
-        target_ref = model or task.default_target
-        if target_ref is None:
-            raise ConfigError(f"task {task.name!r} trains no model of its own: pass --model PATH_OR_HUB_ID")
-        retrain_ref = retrain_model or (task.default_retrain if model is None else None)
-        return PreparedModels(
-            target_dir=resolve_model(target_ref),
-            retrain_dir=resolve_model(retrain_ref) if retrain_ref else None,
-            target_id=target_ref,
-            retrain_id=retrain_ref,
-            recipe=None,
-        )
-    root = store.cached_dir(
-        trained_models_dir(task, data, recipe),
-        lambda tmp: _train_pair(task, data, recipe, tmp, progress),
-    )
-    return PreparedModels(root / "target", root / "retrain", str(root / "target"), str(root / "retrain"),
-                          recipe.model_dump())
-
-
-def _train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progress: bool) -> None:
+def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progress: bool) -> None:
+    """Train the target (forget + retain) and retrain (retain only) models from one pre-trained base."""
     import torch
 
     torch.manual_seed(recipe.seed)

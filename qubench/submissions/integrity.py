@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qubench.results import DEFAULT_MIN_FORGETTING, MIN_FORGETTING, RunResult, metric_row
+from qubench import metric_catalog
+from qubench.results import RunResult, catalogued_row
 
 MAX_RESULT_BYTES = 5_000_000
 #: Files a grid writes beside its cells that are not results.
@@ -70,8 +71,10 @@ def metric_problems(result: RunResult) -> list[str]:
         if bad:
             problems.append(f"metric {name}: non-finite {', '.join(bad)}")
             continue
-        expected = metric_row(row.pre, row.post, row.target_pre, row.target_post, row.retrain,
-                              MIN_FORGETTING.get(name, DEFAULT_MIN_FORGETTING))
+        if name not in metric_catalog.BY_NAME:
+            problems.append(f"metric {name}: not a qubench metric (known: {', '.join(metric_catalog.BY_NAME)})")
+            continue
+        expected = catalogued_row(name, row.pre, row.post, row.target_pre, row.target_post, row.retrain)
         for field in ("gap", "recovery"):
             if not _close(getattr(row, field), getattr(expected, field)):
                 problems.append(f"metric {name}: {field} {getattr(row, field)!r} does not follow from its "

@@ -26,6 +26,7 @@ from qubench import pipeline, store
 from qubench.env import git_state, library_versions
 from qubench.errors import ConfigError
 from qubench.results import RunResult
+from qubench.stages import Download, TaskData, TrainedModels
 from qubench.submissions import integrity, schema
 from qubench.submissions.install import install_into
 from qubench.submissions.schema import CellCheck, Submission, Tolerance, Verification
@@ -34,7 +35,7 @@ Log = Callable[[str], None]
 DEFAULT_TOLERANCE = Tolerance(points=1.0, auc=0.01)
 COMPARED = ("pre", "post", "target_pre", "target_post", "retrain")
 #: Stages shared from the existing cache: they depend on the task only, never on the submission.
-SHARED_KINDS = ("tasks", "models")
+SHARED_KINDS = (TaskData.kind, Download.kind, TrainedModels.kind)
 
 
 def compare(stored: RunResult, rerun: RunResult, tolerance: Tolerance) -> tuple[list[str], float]:

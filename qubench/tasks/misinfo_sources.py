@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from qubench import store
 from qubench.errors import DataError
 from qubench.tasks.misinfo_layout import FAKE, REAL, Post
 
@@ -126,23 +123,20 @@ def is_url(source: str) -> bool:
 
 def fetch(url: str) -> Path:
     """Download `url` once into QUBENCH_HOME/downloads (atomically: never a half-written file)."""
-    name = Path(urllib.parse.urlparse(url).path).name or "data.csv"
-    path = store.home() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)
+    from qubench.stages.data import Download
+
+    return Download(url, _download).get()
+
+
+def _download(url: str, out_path: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as resp:
+        with open(out_path, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as resp:
             while chunk := resp.read(1 << 16):
                 out.write(chunk)
-        os.replace(tmp, path)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
         raise DataError(f"could not download {url} ({type(exc).__name__}: {reason}); "
                         f"without network access, {HOW_TO_PASS}") from None
-    return path
 
 
 def fingerprint(source: str) -> str | None:

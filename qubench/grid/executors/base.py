@@ -20,9 +20,7 @@ from typing import Literal
 
 from qubench import pipeline, results
 from qubench.specs import RunSpec
-
-#: Stages whose failure every cell of a group would repeat (they share one unlearned model).
-SHARED_STAGES = ("prepare", "unlearn")
+from qubench.stages import step_is_group_shared
 
 
 @dataclass
@@ -70,14 +68,14 @@ def run_group(job: GroupJob, report: Report) -> None:
                                   f"not attempted: the {err.stage} stage it shares with {first} failed: "
                                   f"{err.message}", err.traceback))
             continue
-        reused = _stored_ok(out)
+        reused = results.stored_ok(out) is not None
         try:
             pipeline.run(spec, Path(job.results_dir), log=lambda msg: log(f"{cell_id}: {msg}"), progress=False)
         except pipeline.RunFailed as exc:
             err = exc.result.error
             report(CellOutcome(cell_id, "failed", str(out), time.perf_counter() - t0,
                                error={"stage": err.stage, "type": err.type, "message": err.message}))
-            if err.stage in SHARED_STAGES:
+            if step_is_group_shared(err.stage):  # every other cell of the group needs the same artifact
                 shared_failure = (cell_id, err)
         except Exception as exc:  # failed before pipeline.run could record it (e.g. invalid parameters)
             report(record_failure(cell_id, spec, out, "setup", type(exc).__name__, str(exc),
@@ -89,7 +87,7 @@ def run_group(job: GroupJob, report: Report) -> None:
 def record_failure(cell_id: str, spec: RunSpec, out: Path, stage: str, type_: str, message: str, tb: str,
                    seconds: float = 0.0) -> CellOutcome:
     """Write a failed result for a cell (unless an ok one is stored) and return its outcome."""
-    if _stored_ok(out):  # it finished before whatever went wrong
+    if results.stored_ok(out) is not None:  # it finished before whatever went wrong
         return CellOutcome(cell_id, "ok", str(out), seconds, reused=True)
     result = results.RunResult(run_id=spec.run_id(), status="failed", spec=spec,
                                error=results.ErrorInfo(stage=stage, type=type_, message=message, traceback=tb))
@@ -103,13 +101,6 @@ def fill_missing(job: GroupJob, seen: set[str], reason: str, report: Report) -> 
         if cell_id not in seen:
             report(record_failure(cell_id, RunSpec.model_validate(spec_json), Path(result_file), "worker",
                                   "WorkerDied", reason, f"(no traceback: {reason})"))
-
-
-def _stored_ok(path: Path) -> bool:
-    try:
-        return path.exists() and results.load(path).status == "ok"
-    except (ValueError, OSError):
-        return False
 
 
 def _logger(verbose: bool) -> Callable[[str], None]:

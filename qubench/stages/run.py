@@ -1,0 +1,86 @@
+"""The stages of one run spec, as objects: what `qubench run` builds in order, what the grid planner
+asks about (does it exist?), and what the pruner deletes. One place decides how a spec maps to its
+artifacts; nothing else re-derives a key or a path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qubench import registry
+from qubench.engines.base import Engine
+from qubench.methods.base import UnlearnMethod
+from qubench.plugin import Plugin
+from qubench.quantizers.base import Quantizer
+from qubench.specs import RunSpec
+from qubench.stages.data import TaskData
+from qubench.stages.evaluation import EvalSetup, Evaluation
+from qubench.stages.models import ExistingModels, PreparedModels, TrainedModels, models_stage
+from qubench.stages.quantized import Quantized
+from qubench.stages.unlearned import Unlearned
+from qubench.tasks.base import Task
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Plugins:
+    """Every plugin of a run, instantiated (and so validated) before any work starts."""
+
+    task: Task
+    method: UnlearnMethod
+    quant: Quantizer
+    engine: Engine
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, create: Callable[[str, str, dict], Plugin] = registry.create) -> "Plugins":
+        return cls(task=create("tasks", spec.task.name, spec.task.params),
+                   method=create("methods", spec.method.name, spec.method.params),
+                   quant=create("quantizers", spec.quant.name, spec.quant.params),
+                   engine=create("engines", spec.engine.name, spec.engine_params()))
+
+
+class RunStages:
+    """The stage objects of `spec`; each needs its upstream artifacts (paths, data) to be named."""
+
+    def __init__(self, spec: RunSpec, plugins: Plugins | None = None, log: Log = lambda msg: None,
+                 progress: bool = True):
+        self.spec, self.log, self.progress = spec, log, progress
+        self.plugins = plugins or Plugins.from_spec(spec)
+
+    def task_data(self) -> TaskData:
+        return TaskData(self.plugins.task)
+
+    def models(self, data) -> TrainedModels | ExistingModels:
+        """`data` (TaskData) is read only for models trained here; None is fine for existing ones."""
+        return models_stage(self.plugins.task, data, self.spec.model, self.spec.retrain_model, self.spec.seed,
+                            self.progress)
+
+    def unlearned(self, models: PreparedModels, data) -> Unlearned:
+        return Unlearned(self.plugins.method, self.spec.seed, models, data, self.progress)
+
+    def quantized(self, model_dir: Path, data) -> Quantized:
+        return Quantized(self.plugins.quant, model_dir, data)
+
+    def eval_setup(self, data, data_dir: Path) -> EvalSetup:
+        return EvalSetup(self.plugins.engine, data, data_dir, self.spec.eval_limit, self.spec.dtype, self.log)
+
+    def evaluations(self, setup: EvalSetup, models: PreparedModels, unlearned_dir: Path | None,
+                    q_target: Path | None, q_unlearned: Path | None) -> dict[str, Evaluation]:
+        """The measurements a run compares, by label; models not built yet (None) are left out."""
+        quant = self.plugins.quant
+        wanted = {"retrain": ("retrain", models.retrain_dir, self.load_full),
+                  "target_pre": ("target", models.target_dir, self.load_full),
+                  "target_post": (f"target/{quant.name}", q_target, quant.load_quantized),
+                  "pre": ("unlearned", unlearned_dir, self.load_full),
+                  "post": (f"unlearned/{quant.name}", q_unlearned, quant.load_quantized)}
+        return {key: Evaluation(setup, path, what, loader) for key, (what, path, loader) in wanted.items()
+                if path is not None}
+
+    def load_full(self, model_dir: Path):
+        """A full-precision model in the spec's evaluation dtype."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, self.spec.dtype)).eval()

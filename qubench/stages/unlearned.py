@@ -1,0 +1,55 @@
+"""Stage 3: the unlearned model — the target after a method's unlearning on the task's forget set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qubench import store
+from qubench.fingerprint import model_fingerprint
+from qubench.stages.base import Stage
+from qubench.stages.models import PreparedModels
+
+#: The side file an unlearned folder carries: steps, losses and the method's own record.
+LOG_FILE = "qubench_unlearn_log.json"
+
+
+class Unlearned(Stage):
+    kind = "unlearned"
+    description = "unlearned models (save_pretrained folders)"
+    step = "unlearn"
+    group_shared = True
+
+    def __init__(self, method, seed: int, models: PreparedModels, data, progress: bool = True):
+        self.method, self.seed, self.models, self.data, self.progress = method, seed, models, data, progress
+
+    def identity(self) -> dict[str, Any]:
+        ident = {"target": model_fingerprint(self.models.target_dir), "method": self.method.name,
+                 "params": self.method.params(), "seed": self.seed,
+                 # The corpora it unlearns from: one target can serve tasks with different forget sets.
+                 "forget": store.stable_hash(self.data.forget), "retain": store.stable_hash(self.data.retain)}
+        if self.method.uses_retrain_model and self.models.retrain_dir is not None:
+            ident["retrain"] = model_fingerprint(self.models.retrain_dir)
+        return ident
+
+    def label(self) -> str:
+        return self.method.name
+
+    def build(self, tmp: Path) -> None:
+        from qubench.methods.base import UnlearnContext
+
+        outcome = self.method.unlearn(UnlearnContext(self.models.target_dir, self.models.retrain_dir, self.data,
+                                                     tmp, self.seed, self.progress))
+        store.write_json_atomic(tmp / LOG_FILE, {"steps": outcome.steps,
+                                                 "final": outcome.log[-1] if outcome.log else {},
+                                                 "extra": outcome.extra, "log": outcome.log})
+
+
+def read_log(unlearned_dir: Path) -> dict:
+    """Steps, last-step losses and the method's record of an unlearned folder ({} when it has none)."""
+    path = Path(unlearned_dir) / LOG_FILE
+    if not path.exists():
+        return {}
+    log = json.loads(path.read_text())
+    return {"steps": log.get("steps"), "final": log.get("final"), "extra": log.get("extra", {})}
