@@ -35,6 +35,13 @@ class Metric:
     min_forgetting: float = 1.0
     lm_eval_task: str | None = None    # the lm-eval task that produces it (generation, classification)
     muse: bool = False                 # one of MUSE's four reported metrics (expected of MUSE-style tasks)
+    #: How the value follows from per-probe scores, so intervals can resample probes: "mean" (x scale) of
+    #: the scores logged under the metric's name, "auc" of the PrivLeak forget vs holdout Min-K scores;
+    #: None: no per-probe resampling (the value is derived, e.g. PrivLeak from its AUC).
+    statistic: Literal["mean", "auc"] | None = None
+    scale: float = 100.0
+    #: The value is relative to the retrain model's: (AUC - AUC_retrain) / AUC_retrain x 100 (PrivLeak).
+    relative_to_retrain: bool = False
 
 
 #: Display order. ROUGE and accuracy are x100; PrivLeak's percentage is bounded below by -100 and,
@@ -42,13 +49,14 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("verbmem_f", "VerbMem on forget: ROUGE-L F1 x100 of the greedy continuation of forget text "
            "(lower = forgotten)", "forget", "generation", "verbmem/forget.json", 0, 100, 1,
-           lm_eval_task="qubench_verbmem_forget", muse=True),
+           lm_eval_task="qubench_verbmem_forget", muse=True, statistic="mean"),
     Metric("knowmem_f", "KnowMem on forget: ROUGE-L F1 x100 of answers to questions about forget facts "
            "(lower = forgotten)", "forget", "generation", "knowmem/forget_qa.json", 0, 100, 1,
-           lm_eval_task="qubench_knowmem_forget", muse=True),
+           lm_eval_task="qubench_knowmem_forget", muse=True, statistic="mean"),
     Metric("privleak", "PrivLeak: (AUC - AUC_retrain)/AUC_retrain x100, Min-40% forget vs holdout (0 = like "
            "retrain, strongly negative = forget set still detectable)", "forget", "membership",
-           "privleak/forget.json, privleak/holdout.json", -100, 9900, -1, muse=True),
+           "privleak/forget.json, privleak/holdout.json", -100, 9900, -1, muse=True, statistic="auc",
+           relative_to_retrain=True),
     Metric("knowmem_r", "KnowMem on retain: ROUGE-L F1 x100 on retain facts (utility; higher = better)",
            "utility", "generation", "knowmem/retain_qa.json", 0, 100, 0,
            lm_eval_task="qubench_knowmem_retain", muse=True),
@@ -62,7 +70,7 @@ METRICS: tuple[Metric, ...] = (
            "privleak/forget.json, privleak/holdout.json", 0, 1, -1, min_forgetting=0.01),
     Metric("cls_f", "Label accuracy x100 on forget posts (trained on; lower = forgotten, down to cls_holdout)",
            "forget", "classification", "classify/forget.json", 0, 100, 1,
-           lm_eval_task="qubench_classify_forget"),
+           lm_eval_task="qubench_classify_forget", statistic="mean"),
     Metric("cls_holdout", "Label accuracy x100 on never-trained posts of the forget class (the floor "
            "forgetting should reach)", "floor", "classification", "classify/holdout.json", 0, 100, 0,
            lm_eval_task="qubench_classify_holdout"),

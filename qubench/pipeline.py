@@ -77,15 +77,20 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         step = Quantized.step
         q_target = timer("quantize", _quantized, stages.quantized(models.target_dir, data), log)
         q_unlearned = timer("quantize", _quantized, stages.quantized(unlearned_dir, data), log)
+        # The retrain reference at the quantized precision too: the damage-controlled recovery compares
+        # every model with both references at the same precision.
+        q_retrain = (timer("quantize", _quantized, stages.quantized(models.retrain_dir, data), log)
+                     if models.retrain_dir is not None else None)
 
         step = Evaluation.step
         evaluations = stages.evaluations(stages.eval_setup(data, data_dir), models, unlearned_dir, q_target,
-                                         q_unlearned)
+                                         q_unlearned, q_retrain)
         measured = timer("evaluate", measure_models, evaluations, plugins.task.published_auc_retrain,
                          spec.task.name)
 
         step = SCORE_STEP
         result.metrics = score(measured)
+        result.probes = measured.probes
         result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
                                    unlearned_dir, q_target, q_unlearned)
         result.unlearning = read_log(unlearned_dir)
@@ -135,7 +140,8 @@ def _resolved(plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_t
     return {
         "task": {"name": plugins.task.name, "params": plugins.task.params(), "note": plugins.task.note,
                  "utility_metric": plugins.task.utility_metric},
-        "method": {"name": plugins.method.name, "params": plugins.method.params()},
+        "method": {"name": plugins.method.name, "params": plugins.method.params(),
+                   "control": plugins.method.is_control},
         "quant": {"name": plugins.quant.name, "params": plugins.quant.params(), "scheme": plugins.quant.scheme(),
                   "checkpoint": read_record(q_unlearned)},
         "engine": {"name": plugins.engine.name, "params": plugins.engine.params(),

@@ -36,6 +36,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         table.add_row(name, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain), _fmt(row.pre),
                       _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
     console.print(table)
+    _print_controlled(console, result)
     if note := result.resolved.get("task", {}).get("note"):
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
     # Tasks without QA probes (e.g. social-media posts) have no KnowMem: say so instead of a silent gap.
@@ -49,7 +50,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         f"from quantized target {_fmt(d.quantized_disagreement, pct=True)}"
     )
     console.print("target/tgt q = target at full precision/quantized; pre/post = unlearned model at full "
-                  "precision/quantized; gap = post-pre; recov = (post-pre)/(target-pre).")
+                  "precision/quantized; gap = post-pre; recov = (post-pre)/(target-pre), the papers' figure.")
     notes = {n: r.recovery_note for n, r in result.metrics.items() if r.recovery_note}
     for name, note in notes.items():
         console.print(f"  {name}: recovery {note}")
@@ -57,6 +58,33 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
     console.print(f"timings: {timings}")
     if path is not None:
         console.print(f"result: {path}")
+
+
+def _print_controlled(console: Console, result: RunResult) -> None:
+    """The damage-controlled view of the forget metrics: each model placed between the retrain model (0)
+    and the target (1) at the same precision, and the share of the rest that quantization takes back."""
+    rows = [(n, r) for n, r in result.metrics.items()
+            if metric_catalog.BY_NAME.get(n) and metric_catalog.BY_NAME[n].role == "forget"]
+    if not rows or all(r.retrain_post is None for _, r in rows):
+        return
+    table = Table(title="forgetting between retrain (0) and target (1) at the same precision",
+                  title_justify="left")
+    for col in ("forget metric", "retrain q", "position pre", "position post", "recovered"):
+        table.add_column(col, justify="left" if col == "forget metric" else "right", no_wrap=True)
+    for name, row in rows:
+        table.add_row(name, _fmt(row.retrain_post), _pos(row.position_pre), _pos(row.position_post),
+                      _fmt(row.controlled_recovery, pct=True))
+    console.print(table)
+    console.print("recovered = (position post - position pre) / (1 - position pre): the share of the "
+                  "forgetting that quantization takes back, with the quantizer's damage to the references "
+                  "removed (0% = survives, 100% = fully undone).")
+    for name, row in rows:
+        if row.controlled_recovery_note:
+            console.print(f"  {name}: recovered {escape(row.controlled_recovery_note)}")
+
+
+def _pos(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _sci(value) -> str:

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from qubench import metric_catalog, store
 from qubench.specs import RunSpec
 
-SCHEMA_VERSION = "1.0"
+# 1.1: the quantized retrain model, damage-controlled recovery and per-probe scores (1.0 files still load).
+SCHEMA_VERSION = "1.1"
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,6 +31,13 @@ class MetricRow(Strict):
     target_pre: float | None = None
     target_post: float | None = None
     retrain: float | None = None
+    retrain_post: float | None = None           # the retrain model quantized by the same quantizer
+    # Damage-controlled recovery (qubench.recovery): positions between retrain (0) and target (1) at equal
+    # precision, and the share of the remaining distance to the target that quantization takes back.
+    position_pre: float | None = None
+    position_post: float | None = None
+    controlled_recovery: float | None = None
+    controlled_recovery_note: str | None = None
 
 
 class Diagnostics(Strict):
@@ -38,6 +47,18 @@ class Diagnostics(Strict):
     delta_over_step: float | None = None
     quantized_disagreement: float | None = None  # share of quantized weights that differ (q(target) vs q(unlearned))
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProbeScores(Strict):
+    """Per-probe scores of one forget metric for every model of the run (label -> scores, the same probes
+    in the same order), so intervals can resample probes paired across models (qubench.grid.bootstrap).
+    statistic "mean": the metric is `scale` x the mean of `scores`; "auc": the metric follows from the
+    ROC AUC of the `scores` (PrivLeak forget documents' Min-K scores) against `holdout`'s."""
+
+    statistic: Literal["mean", "auc"]
+    scale: float = 100.0
+    scores: dict[str, list[float]]
+    holdout: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class ErrorInfo(Strict):
@@ -60,13 +81,15 @@ class RunResult(Strict):
     unlearning: dict[str, Any] = Field(default_factory=dict)  # steps and final losses
     environment: dict[str, Any] = Field(default_factory=dict)
     data_hashes: dict[str, str] = Field(default_factory=dict)
+    probes: dict[str, ProbeScores] = Field(default_factory=dict)  # forget metrics' per-probe scores
     error: ErrorInfo | None = None
 
 
 def metric_row(pre, post, target_pre=None, target_post=None, retrain=None,
-               min_forgetting: float = 1.0) -> MetricRow:
+               min_forgetting: float = 1.0, retrain_post=None) -> MetricRow:
     """The row of one metric; below `min_forgetting` (|target_pre - pre|, the metric's noise floor in its
     own units) recovery is a ratio of noise and is left undefined, with the reason."""
+    controlled = _controlled(pre, post, target_pre, target_post, retrain, retrain_post, min_forgetting)
     gap = None if pre is None or post is None else post - pre
     recovery, note = None, None
     if gap is not None and target_pre is not None:
@@ -80,12 +103,33 @@ def metric_row(pre, post, target_pre=None, target_post=None, retrain=None,
     elif gap is not None:
         note = "undefined: no target measurement"
     return MetricRow(pre=pre, post=post, gap=gap, recovery=recovery, recovery_note=note,
-                     target_pre=target_pre, target_post=target_post, retrain=retrain)
+                     target_pre=target_pre, target_post=target_post, retrain=retrain, **controlled)
 
 
-def catalogued_row(name: str, pre, post, target_pre=None, target_post=None, retrain=None) -> MetricRow:
+def _controlled(pre, post, target_pre, target_post, retrain, retrain_post, floor: float) -> dict[str, Any]:
+    from qubench import recovery
+
+    values = (pre, post, target_pre, target_post, retrain, retrain_post)
+    note = recovery.controlled_note(*values, floor)
+    out = {"retrain_post": retrain_post, "controlled_recovery_note": note}
+    if retrain is not None and retrain_post is not None and None not in values[:4]:
+        out["position_pre"] = _finite(recovery.position(pre, retrain, target_pre, floor))
+        out["position_post"] = _finite(recovery.position(post, retrain_post, target_post, floor))
+    if note is None:
+        out["controlled_recovery"] = _finite(recovery.controlled_recovery(*values, floor))
+    return out
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if value == value else None  # NaN: undefined
+
+
+def catalogued_row(name: str, pre, post, target_pre=None, target_post=None, retrain=None,
+                   retrain_post=None) -> MetricRow:
     """`metric_row` with the noise floor the metric catalogue gives `name`."""
-    return metric_row(pre, post, target_pre, target_post, retrain, metric_catalog.get(name).min_forgetting)
+    return metric_row(pre, post, target_pre, target_post, retrain, metric_catalog.get(name).min_forgetting,
+                      retrain_post)
 
 
 def save(result: RunResult, path: Path) -> None:

@@ -19,7 +19,7 @@ def score(measured: Measured) -> dict[str, MetricRow]:
     get = lambda label, name: m.get(label, {}).get(name)
     return {
         name: catalogued_row(name, get("pre", name), get("post", name), get("target_pre", name),
-                             get("target_post", name), get("retrain", name))
+                             get("target_post", name), get("retrain", name), get("retrain_post", name))
         for name in metric_catalog.names() if name in measured_names
     }
 

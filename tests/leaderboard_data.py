@@ -19,20 +19,23 @@ ENVIRONMENT = {"python": "3.11", "libraries": {"qubench": "0.1.0", "torch": "2.1
 
 
 def make_result(method: str, quant: str = "rtn-4bit", seed: int = 0, *, forget=(40.0, 10.0, 15.0),
-                utility=(50.0, 48.0, 47.0, 46.0), method_params: dict | None = None) -> RunResult:
-    """forget = (target_pre, pre, post) of verbmem_f; utility = (target_pre, target_post, pre, post) of knowmem_r."""
+                utility=(50.0, 48.0, 47.0, 46.0), method_params: dict | None = None,
+                control: bool = False) -> RunResult:
+    """forget = (target_pre, pre, post) of verbmem_f (target_post = target_pre + 1, retrain 5, retrain
+    quantized 6); utility = (target_pre, target_post, pre, post) of knowmem_r."""
     t_pre, pre, post = forget
     u_tpre, u_tpost, u_pre, u_post = utility
     spec = RunSpec(task=TASK, method=PluginRef(name=method, params=method_params or {}),
                    quant=PluginRef(name=quant), seed=seed, eval_limit=2)
     metrics = {
-        "verbmem_f": metric_row(pre, post, t_pre, t_pre + 1.0, 5.0),
+        "verbmem_f": metric_row(pre, post, t_pre, t_pre + 1.0, 5.0, retrain_post=6.0),
         "knowmem_f": metric_row(pre / 2, post / 2, t_pre / 2, t_pre / 2, 3.0),
         "knowmem_r": metric_row(u_pre, u_post, u_tpre, u_tpost, 45.0),
     }
     return RunResult(
         run_id=spec.run_id(), status="ok", spec=spec, metrics=metrics,
-        resolved={"method": {"name": method, "params": {}}, "quant": {"name": quant, "scheme": SCHEMES[quant]},
+        resolved={"method": {"name": method, "params": {}, "control": control},
+                  "quant": {"name": quant, "scheme": SCHEMES[quant]},
                   "engine": {"name": "hf", "version": "transformers 5.17.0"},
                   "models": {"target": {"fingerprint": "abc123"}}},
         diagnostics={"mean_abs_delta": 1e-4, "max_abs_delta": 1e-3, "mean_quant_step": 1e-2,

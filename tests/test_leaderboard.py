@@ -41,15 +41,32 @@ def _rows(*folders, submissions=None):
     return board, ranking.rank(build_rows(board))
 
 
-def test_rows_are_ranked_by_post_forgetting_among_rows_that_keep_utility(tree):
+def test_rows_are_ranked_by_controlled_recovery_among_rows_that_forget_and_keep_utility(tree):
     board, rows = _rows(tree)
     assert not board.rejected and len(board.runs) == 12
     rtn = [r for r in rows if r.quantizer == "rtn-4bit"]
     assert [(r.method, r.rank) for r in rtn] == [("target", None), ("retrain", None), ("npo", 1), ("ga", 2),
                                                   ("ga_klr", None)]
+    # verbmem_f between retrain (5, quantized 6) and target (40, quantized 41): npo moves from 3/35 to 6/35 of the
+    # way, taking back (6/35 - 3/35) / (1 - 3/35) = 3/32 of its forgetting; ga 0.3 and 13/30 over its two seeds.
+    npo, ga = rtn[2], rtn[3]
+    assert npo.forget.mean("controlled_recovery") == pytest.approx(3 / 32)
+    assert ga.forget.mean("controlled_recovery") == pytest.approx((0.3 + 13 / 30) / 2)
     assert rtn[0].standing == "baseline (target)" and rtn[1].standing == "baseline (retrain)"
     assert rtn[4].standing.startswith("unranked: utility 9.0 < 43.2")  # 90% of the quantized target's 48
-    assert "within 10% of the quantized target's utility" in ranking.RULE
+    assert "within 10% of the quantized target's" in ranking.RULE and "damage-controlled recovery" in ranking.RULE
+
+
+def test_a_known_answer_control_is_labelled_and_never_ranked(tree):
+    write(make_result("ga_gdr+inbucket", forget=(40.0, 6.0, 41.0), control=True), tree)
+    _, rows = _rows(tree)
+    rtn = [r for r in rows if r.quantizer == "rtn-4bit"]
+    control = next(r for r in rtn if r.method == "ga_gdr+inbucket")
+    assert control.rank is None and control.standing == "control (known answer, not ranked)"
+    assert control.forget.mean("controlled_recovery") == pytest.approx(1.0)  # quantized onto the quantized target
+    assert [r.method for r in rtn][:3] == ["target", "retrain", "ga_gdr+inbucket"]  # pinned with the baselines
+    frame = table.to_frame(rtn).set_index("method")
+    assert bool(frame.loc["ga_gdr+inbucket", "control"]) and frame.loc["npo", "rank"] == 1
 
 
 def test_the_utility_gate_uses_the_metric_the_task_declares(tmp_path):
@@ -207,7 +224,8 @@ def test_page_loads_and_filters_change_the_rows(tree, monkeypatch):
 
 def test_detail_page_opens_with_spec_diagnostics_command_and_download(tree, monkeypatch):
     at = _app(monkeypatch, tree)
-    assert len(at.get("vega_lite_chart")) == 3  # pre/post, recovery by quantizer, utility vs forgetting
+    # the method x quantizer heatmap, pre/post, recovery by quantizer, utility vs forgetting
+    assert len(at.get("vega_lite_chart")) == 4
     choice = at.selectbox(key="detail_choice")
     ga = next(o for o in choice.options if " · ga · rtn-4bit · seed 1" in o)
     choice.select(ga).run()

@@ -1,9 +1,17 @@
-"""Per (task, method, quantizer): the mean over seeds with a bootstrap 95% interval for every
-metric's values, gap and recovery, and a recovery verdict only where the interval excludes zero.
+"""Per (task, method, quantizer): the mean over seeds with a 95% interval for every metric's values,
+gap and both recoveries, and recovery verdicts.
 
-The interval is the percentile bootstrap of the mean over seeds (resampling seeds with
-replacement, seeded, so the file is reproducible). With one seed there is no interval and every
-verdict is "undetermined"; with few seeds the interval is crude but honest about it.
+Recoveries (the paper's and the damage-controlled one) get the hierarchical, paired bootstrap of
+`qubench.grid.bootstrap` (seeds and probes resampled; meaningful with one seed too) whenever every seed
+logged its per-probe scores; measurement fields, and recoveries of results without probe scores, get
+the percentile bootstrap of the mean over seeds (no interval with one seed). Each estimate says which
+method produced it. Everything is seeded, so the file is reproducible.
+
+Verdicts come from the damage-controlled recovery's interval, against RECOVERY_MARGIN (a tenth of the
+forgetting): "recovers" when the whole interval lies at or above it (quantization measurably undoes at
+least a tenth), "does not recover" when the whole interval lies below it (at most a tenth, with 95%
+confidence; quantization that deepens the forgetting is here too), "undetermined" when the interval
+straddles it or there is none.
 """
 
 from __future__ import annotations
@@ -17,11 +25,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from qubench import results, store
+from qubench import metric_catalog, results, store
+from qubench.grid import bootstrap
+from qubench.results import RunResult
 
-AGGREGATE_SCHEMA_VERSION = "1.0"
-FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
+# 1.1: damage-controlled recovery and the method of every interval.
+AGGREGATE_SCHEMA_VERSION = "1.1"
+FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "retrain_post",
+          "position_pre", "position_post", "controlled_recovery")
 Verdict = Literal["recovers", "does not recover", "undetermined"]
+#: The share of the forgetting that counts as "recovered" for a verdict (see the module docstring).
+RECOVERY_MARGIN = 0.10
+SEED_BOOTSTRAP = "percentile bootstrap of the mean over seeds"
 
 
 class Strict(BaseModel):
@@ -30,15 +45,17 @@ class Strict(BaseModel):
 
 class Estimate(Strict):
     mean: float
-    ci_low: float | None    # None with fewer than 2 seeds
+    ci_low: float | None    # None when no interval could be formed (e.g. one seed and no probe scores)
     ci_high: float | None
     n: int                  # seeds with a defined value
+    method: str = SEED_BOOTSTRAP
 
 
 class MetricAggregate(Strict):
     values: dict[str, Estimate | None]   # per FIELDS entry; None where no seed had a value
-    recovery_verdict: Verdict
+    recovery_verdict: Verdict            # from the damage-controlled recovery (module docstring)
     recovery_undefined: int = 0          # seeds whose recovery was undefined (see their recovery_note)
+    controlled_undefined: int = 0        # likewise for the damage-controlled recovery
 
 
 class RowAggregate(Strict):
@@ -65,7 +82,9 @@ class GridAggregate(Strict):
     confidence: float
     bootstrap_resamples: int
     bootstrap_seed: int
-    method: str = "percentile bootstrap of the mean over seeds"
+    method: str = (f"recoveries: {bootstrap.METHOD}, when every seed logged per-probe scores; other fields "
+                   f"(and older results): {SEED_BOOTSTRAP}")
+    recovery_margin: float = RECOVERY_MARGIN
     rows: list[RowAggregate]
     failures: list[Failure] = Field(default_factory=list)
 
@@ -86,11 +105,49 @@ def bootstrap_mean(values: list[float], confidence: float = 0.95, resamples: int
 def verdict(recovery: Estimate | None) -> Verdict:
     if recovery is None or recovery.ci_low is None:
         return "undetermined"
-    if recovery.ci_low > 0:
-        return "recovers"
-    if recovery.ci_high < 0:
+    if recovery.ci_high < RECOVERY_MARGIN:
         return "does not recover"
+    if recovery.ci_low >= RECOVERY_MARGIN:
+        return "recovers"
     return "undetermined"
+
+
+def metric_estimates(runs: list[RunResult], name: str, confidence: float = 0.95, resamples: int = 10_000,
+                     seed: int = 0, probe_resamples: int = 2000) -> dict[str, Estimate | None]:
+    """Every FIELDS entry of metric `name` over the seeds `runs` (ok results of one setting)."""
+    rows = [r.metrics[name] for r in runs if name in r.metrics]
+    values: dict[str, Estimate | None] = {}
+    for f in FIELDS:
+        xs = [getattr(m, f) for m in rows if getattr(m, f) is not None]
+        values[f] = bootstrap_mean(xs, confidence, resamples, seed) if xs else None
+    defined = values["recovery"] is not None or values["controlled_recovery"] is not None
+    seeds = _probe_seeds(runs, name) if defined else None  # no figure to put an interval on: skip the work
+    if seeds is not None:
+        floor = metric_catalog.get(name).min_forgetting
+        for figure, interval in bootstrap.hierarchical_intervals(seeds, floor, confidence, probe_resamples,
+                                                                 seed).items():
+            if values.get(figure) is not None:
+                values[figure] = values[figure].model_copy(update={
+                    "ci_low": interval.low, "ci_high": interval.high,
+                    "method": f"{bootstrap.METHOD}; defined in {interval.resamples} of {interval.of} resamples"})
+    return values
+
+
+def _probe_seeds(runs: list[RunResult], name: str) -> list[bootstrap.SeedProbes] | None:
+    """Each seed's probe scores of `name`, or None unless every seed has them for every model."""
+    metric = metric_catalog.BY_NAME.get(name)
+    if metric is None or not runs or any(name not in r.probes for r in runs):
+        return None
+    seeds = []
+    for r in runs:
+        ref = (r.resolved.get("privleak_reference") or {}).get("auc_retrain") if metric.relative_to_retrain else None
+        if metric.relative_to_retrain and not ref:
+            return None
+        probes = bootstrap.SeedProbes.from_result(r.probes[name], ref)
+        if not set(bootstrap.MODELS) <= set(probes.scores):
+            return None
+        seeds.append(probes)
+    return seeds
 
 
 def aggregate(cells, results_dir: Path, grid: dict, confidence: float = 0.95, resamples: int = 10_000,
@@ -116,12 +173,11 @@ def aggregate(cells, results_dir: Path, grid: dict, confidence: float = 0.95, re
         names = list(dict.fromkeys(name for _, r in ok for name in r.metrics))
         for name in names:
             metric_rows = [r.metrics[name] for _, r in ok if name in r.metrics]
-            values = {}
-            for f in FIELDS:
-                xs = [getattr(m, f) for m in metric_rows if getattr(m, f) is not None]
-                values[f] = bootstrap_mean(xs, confidence, resamples, seed) if xs else None
-            row.metrics[name] = MetricAggregate(values=values, recovery_verdict=verdict(values["recovery"]),
-                                                recovery_undefined=sum(m.recovery is None for m in metric_rows))
+            values = metric_estimates([r for _, r in ok], name, confidence, resamples, seed)
+            row.metrics[name] = MetricAggregate(
+                values=values, recovery_verdict=verdict(values["controlled_recovery"]),
+                recovery_undefined=sum(m.recovery is None for m in metric_rows),
+                controlled_undefined=sum(m.controlled_recovery is None for m in metric_rows))
         rows.append(row)
     return GridAggregate(grid=grid, confidence=confidence, bootstrap_resamples=resamples, bootstrap_seed=seed,
                          rows=rows, failures=failures)

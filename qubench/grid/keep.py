@@ -1,7 +1,7 @@
 """Disk hygiene of a grid: `--keep checkpoints` (default) keeps every artifact in the cache;
 `--keep results` deletes the unlearned models and quantized checkpoints this grid built as soon as
 no cell of the grid needs them any more: a group's own ones when the group has finished, the
-quantized targets when every group of their (task, seed) has. Task data, target/retrain models
+quantized target and retrain models when every group of their (task, seed) has. Task data, target/retrain models
 and evaluations always stay: they are small or shared by every grid. Artifacts that were in the
 cache before the grid started are never deleted (another grid or job may be using them).
 
@@ -53,9 +53,9 @@ class Pruner:
                 continue
             built = {role: n.key for role, n in needs.items() if n.exists and not n.symbolic}
             own |= {built[role] for role in ("unlearned", "q_unlearned") if role in built}
-            if "q_target" in built:
-                shared.add(built["q_target"])
-        self._delete(own - shared)  # the `target` method's quantized model is the quantized target itself
+            shared |= {built[role] for role in ("q_target", "q_retrain") if role in built}
+        # the `target` and `retrain` methods' quantized models are the quantized references themselves
+        self._delete(own - shared)
         self.open_groups[(group.task, group.seed)] -= 1
         if self.open_groups[(group.task, group.seed)] == 0:
             self._delete(shared)

@@ -183,22 +183,29 @@ class StageWalker:
         q_target = st.quantized(models.target_dir, data) if ready else None
         needs["q_target"] = (Need("quantized", q_target.path(), q_target.exists()) if q_target is not None
                              else Need("quantized", ("quantized", models_key, quant_key), False, symbolic=True))
+        q_retrain = st.quantized(models.retrain_dir, data) if ready and models.retrain_dir is not None else None
+        if has_retrain:
+            needs["q_retrain"] = (Need("quantized", q_retrain.path(), q_retrain.exists()) if q_retrain is not None
+                                  else Need("quantized", ("quantized", ("retrain", models_key), quant_key), False,
+                                            symbolic=True))
         q_unlearned = st.quantized(unlearned_dir, data) if ready and unlearned_dir is not None else None
         needs["q_unlearned"] = (Need("quantized", q_unlearned.path(), q_unlearned.exists()) if q_unlearned
                                 else Need("quantized", ("quantized", method_key, quant_key), False, symbolic=True))
 
         existing = lambda need: need.key if need.exists and not need.symbolic else None
         setup = st.eval_setup(data, task_stage.path()) if data is not None else None
-        symbols = {"retrain": ("retrain", models_key), "target_pre": ("target", models_key),
+        symbols = {"retrain": ("retrain", models_key), "retrain_post": ("retrain/q", models_key, quant_key),
+                   "target_pre": ("target", models_key),
                    "target_post": ("target/q", models_key, quant_key), "pre": method_key,
                    "post": (method_key, quant_key)}
         found = {}
         if setup is not None and models is not None:
             found = st.evaluations(setup, models, unlearned_dir, existing(needs["q_target"]),
-                                   existing(needs["q_unlearned"]))
+                                   existing(needs["q_unlearned"]),
+                                   existing(needs["q_retrain"]) if "q_retrain" in needs else None)
         settings = (spec.engine.name, json.dumps(spec.engine_params(), sort_keys=True), spec.eval_limit, spec.dtype)
         for label, symbol in symbols.items():
-            if label == "retrain" and not has_retrain:
+            if label.startswith("retrain") and not has_retrain:
                 continue
             if label in found:
                 needs[f"eval:{label}"] = Need("evals", found[label].path(), found[label].exists())

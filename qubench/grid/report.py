@@ -60,18 +60,22 @@ def print_summary(console: Console, report: GridReport, aggregate: GridAggregate
 
 def _print_verdicts(console: Console, aggregate: GridAggregate, metric: str = "verbmem_f") -> None:
     tasks = {row.task for row in aggregate.rows}
-    table = Table(title=f"{metric}: mean over seeds [95% CI]; all metrics in the aggregate file",
-                  title_justify="left")
-    columns = (["task"] if len(tasks) > 1 else []) + ["method", "quant", "n", "gap", "recovery", "verdict"]
+    table = Table(title=f"{metric}: mean over seeds [95% CI]; controlled = damage-controlled recovery (against "
+                        "retrain and target at the same precision), paper = (post-pre)/(target-pre); verdict "
+                        "from controlled; all metrics in the aggregate file", title_justify="left")
+    columns = (["task"] if len(tasks) > 1 else []) + ["method", "quant", "n", "gap", "controlled", "paper",
+                                                      "verdict"]
+    numeric = ("n", "gap", "controlled", "paper")
     for col in columns:
-        table.add_column(col, justify="right" if col in ("n", "gap", "recovery") else "left", overflow="fold")
+        table.add_column(col, justify="right" if col in numeric else "left", overflow="fold")
     for row in aggregate.rows:
         m = row.metrics.get(metric)
         if m is None:
             continue
         cells = ([escape(row.task)] if len(tasks) > 1 else []) + [
             escape(row.method), escape(row.quant), str(len(row.seeds)), _est(m.values.get("gap")),
-            _est(m.values.get("recovery"), pct=True), m.recovery_verdict]
+            _est(m.values.get("controlled_recovery"), pct=True), _est(m.values.get("recovery"), pct=True),
+            m.recovery_verdict]
         table.add_row(*cells)
     console.print(table)
 

@@ -106,9 +106,10 @@ def overview(board: Board, frame: pd.DataFrame) -> None:
                        mime="text/csv", key="csv")
 
     st.subheader("Plots")
-    charts = [plots.forgetting_pre_post(shown), plots.recovery_by_quantizer(shown), plots.utility_vs_forgetting(shown)]
-    empty = ["no row has both pre and post forgetting", "no row has a defined recovery (see each result's "
-             "recovery note)", "no row has both forgetting and utility"]
+    charts = [plots.recovery_heatmap(shown), plots.forgetting_pre_post(shown), plots.recovery_by_quantizer(shown),
+              plots.utility_vs_forgetting(shown)]
+    undefined = "no row has a defined damage-controlled recovery (see each result's notes)"
+    empty = [undefined, "no row has both pre and post forgetting", undefined, "no row has both forgetting and utility"]
     for chart, why in zip(charts, empty):
         if chart is None:
             st.caption(f"(plot left out: {why})")
@@ -185,8 +186,10 @@ def detail_page(board: Board, run: Run) -> None:
 
     st.subheader("Metrics")
     st.caption("pre/post: the unlearned model before/after quantization; target_pre/target_post: the target "
-               "before/after; retrain: the model never trained on the forget set; gap = post - pre; "
-               "recovery = gap / (target_pre - pre).")
+               "before/after; retrain/retrain_post: the model never trained on the forget set, before/after; "
+               "gap = post - pre; recovery = gap / (target_pre - pre) (the papers' figure); position = where a "
+               "model sits between retrain (0) and target (1) at the same precision; controlled_recovery = "
+               "(position_post - position_pre) / (1 - position_pre).")
     st.dataframe(pd.DataFrame(detail.metrics_rows(result)), hide_index=True, key="metrics")
 
     st.subheader("Diagnostics: weight deltas vs the quantization step")

@@ -39,24 +39,60 @@ def forgetting_pre_post(frame: pd.DataFrame) -> alt.LayerChart | None:
         height=380).interactive()
 
 
-def recovery_by_quantizer(frame: pd.DataFrame) -> alt.LayerChart | None:
-    """Mean recovery per method, one bar per quantizer, with the seeds' bootstrap interval."""
-    df = _kept(frame, "recovery")[["recovery", "recovery_low", "recovery_high", "method", "quantizer", "task",
-                                   "source", "seeds"]]
+#: Recovery axes and colours span this range; values beyond it are drawn at its edge (their tooltips keep
+#: the true value), so one collapsed 2-bit cell cannot flatten every other bar or colour.
+RECOVERY_DOMAIN = (-1.0, 1.0)
+
+
+def recovery_heatmap(frame: pd.DataFrame) -> alt.Chart | None:
+    """Method x quantizer: the damage-controlled recovery, interval and verdict on hover. It answers
+    "which methods survive which quantizers?" at a glance: white survives, red is undone."""
+    df = _kept(frame, "controlled")[["controlled", "controlled_low", "controlled_high", "controlled_ci", "verdict",
+                                     "method", "quantizer", "task", "source", "seeds", "control"]].copy()
     if df.empty:
         return None
+    df["method"] = df.apply(lambda r: f"{r.method} (control)" if r.control else r.method, axis=1)
+    df["label"] = df["controlled"].map(lambda v: f"{v:.0%}")
+    base = alt.Chart(df).encode(
+        x=alt.X("quantizer:N", title="quantizer", axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("method:N", title="method"))
+    cells = base.mark_rect().encode(
+        color=alt.Color("controlled:Q", title="recovered",
+                        scale=alt.Scale(scheme="redblue", reverse=True, domain=list(RECOVERY_DOMAIN), clamp=True),
+                        legend=alt.Legend(format="%")),
+        tooltip=TOOLTIP + [alt.Tooltip("controlled:Q", title="recovered (controlled)", format=".0%"),
+                           alt.Tooltip("controlled_ci:N", title="95% interval"), "verdict:N"])
+    text = base.mark_text(fontSize=11).encode(text="label:N")
+    chart = alt.layer(cells, text).properties(height=alt.Step(26), width=alt.Step(70))
+    if df["task"].nunique() > 1:
+        chart = chart.facet(row=alt.Row("task:N", title=None))
+    return chart.properties(title=alt.TitleParams(
+        "How much of the forgetting quantization takes back (damage-controlled)",
+        subtitle="0% = the forgetting survives, 100% = quantization undoes it; measured between the retrain model "
+                 "and the target quantized the same way; colours clipped to [-100%, 100%]"))
+
+
+def recovery_by_quantizer(frame: pd.DataFrame) -> alt.LayerChart | None:
+    """Mean damage-controlled recovery per method, one bar per quantizer, with its 95% interval."""
+    df = _kept(frame, "controlled")[["controlled", "controlled_low", "controlled_high", "recovery", "method",
+                                     "quantizer", "task", "source", "seeds"]]
+    if df.empty:
+        return None
+    scale = alt.Scale(domain=list(RECOVERY_DOMAIN), clamp=True)
     base = alt.Chart(df).encode(x=alt.X("method:N", title="method", axis=alt.Axis(labelAngle=0)),
                                 xOffset=alt.XOffset("quantizer:N"))
-    bars = base.mark_bar().encode(
-        y=alt.Y("recovery:Q", title="recovery of the forget metric", axis=alt.Axis(format="%")),
+    bars = base.mark_bar(clip=True).encode(
+        y=alt.Y("controlled:Q", title="recovered (damage-controlled)", axis=alt.Axis(format="%"), scale=scale),
         color=alt.Color("quantizer:N"),
-        tooltip=TOOLTIP + [alt.Tooltip("recovery:Q", format=".0%"), alt.Tooltip("recovery_low:Q", format=".0%"),
-                           alt.Tooltip("recovery_high:Q", format=".0%")])
-    whiskers = base.mark_rule(color="black").encode(y="recovery_low:Q", y2="recovery_high:Q")
+        tooltip=TOOLTIP + [alt.Tooltip("controlled:Q", format=".0%"), alt.Tooltip("controlled_low:Q", format=".0%"),
+                           alt.Tooltip("controlled_high:Q", format=".0%"),
+                           alt.Tooltip("recovery:Q", title="paper's recovery", format=".0%")])
+    whiskers = base.mark_rule(color="black", clip=True).encode(y=alt.Y("controlled_low:Q", scale=scale),
+                                                               y2="controlled_high:Q")
     return alt.layer(bars, whiskers).properties(
         title=alt.TitleParams("Recovery by quantizer for each method",
-                              subtitle="bars: mean over seeds; lines: 95% bootstrap interval; 0% = the forgetting "
-                                       "survives quantization, 100% = quantization undid it"), height=320)
+                              subtitle="bars: mean over seeds; lines: 95% interval; axis clipped to [-100%, 100%] "
+                                       "(tooltips give the true values)"), height=320)
 
 
 def utility_vs_forgetting(frame: pd.DataFrame) -> alt.FacetChart | None:

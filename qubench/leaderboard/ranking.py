@@ -9,21 +9,41 @@ from qubench.leaderboard.rows import Row
 #: A row is ranked only if its utility after quantization is at least (1 - margin) x the utility of
 #: the target quantized the same way: forgetting bought by destroying the model does not count.
 UTILITY_MARGIN = 0.10
+#: ... and only if unlearning forgot something to survive: at full precision the unlearned model sits at
+#: most this far from the target on the way to the retrain model (position_pre <= 1 - margin).
+FORGETTING_MARGIN = 0.10
 
 RULE = (
-    "Rows are ranked within each setting (same task, quantizer, model, engine and evaluation settings) by forgetting after "
-    "quantization: the task's forget metric (VerbMem on the forget set; label accuracy on forget posts for "
-    "classification tasks) measured on the quantized unlearned model, mean over seeds, lower is better; ties "
-    "go to the smaller gap (post - pre). Only rows whose utility after quantization (the task's utility metric: KnowMem on retain "
-    "for MUSE, VerbMem on retain for the CPU-scale tasks whose tiny models answer no question; "
-    f"test accuracy for classification) stays within {UTILITY_MARGIN:.0%} of the quantized target's utility "
-    "are ranked; the others are listed without a rank. The target and retrain rows are baselines: pinned at "
-    "the top of their setting and never ranked. Filters hide rows but do not change ranks."
+    "Rows are ranked within each setting (same task, quantizer, model, engine and evaluation settings) by how "
+    "much of the forgetting quantization takes back: the damage-controlled recovery of the task's forget metric "
+    "(VerbMem on the forget set; label accuracy on forget posts for classification tasks), which places the "
+    "unlearned model between the retrain model (0) and the target (1) quantized the same way, mean over seeds, "
+    "lower is better (0% = the forgetting survives quantization, 100% = quantization undoes it); ties go to the "
+    "lower forget metric after quantization. Only rows that forgot something (at full precision at least "
+    f"{FORGETTING_MARGIN:.0%} of the way from the target to the retrain model) and whose utility after "
+    "quantization (the task's utility metric: KnowMem on retain for MUSE, VerbMem on retain for the CPU-scale "
+    f"tasks whose tiny models answer no question; test accuracy for classification) stays within {UTILITY_MARGIN:.0%} "
+    "of the quantized target's are ranked; the others are listed without a rank, with the reason. The target and "
+    "retrain rows are baselines and known-answer controls (e.g. +inbucket) are controls: both pinned at the top "
+    "of their setting and never ranked. Filters hide rows but do not change ranks."
 )
 
 
 def _setting_key(row: Row) -> tuple:
     return (row.task, row.quantizer, row.model, row.engine, row.evaluation, row.setting)
+
+
+def forgetting_ok(row: Row) -> tuple[bool, str]:
+    """Whether the row forgot something whose survival can be measured, and why not."""
+    if row.forget is None:
+        return False, "unranked: no forget metric"
+    if row.forget.mean("controlled_recovery") is None:
+        return False, "unranked: damage-controlled recovery undefined (see the results' notes)"
+    position = row.forget.mean("position_pre")
+    if position is not None and position > 1 - FORGETTING_MARGIN:
+        return False, (f"unranked: forgot too little (position {position:.2f} > {1 - FORGETTING_MARGIN:.2f} "
+                       "between retrain 0 and target 1)")
+    return True, "ranked"
 
 
 def utility_ok(row: Row) -> tuple[bool, str]:
@@ -50,22 +70,25 @@ def rank(rows: list[Row]) -> list[Row]:
         baselines = sorted((r for r in group if r.baseline), key=lambda r: (r.method != "target", r.source))
         for r in baselines:
             r.rank, r.standing = None, f"baseline ({r.method})"
+        controls = sorted((r for r in group if r.control and not r.baseline), key=lambda r: (r.method, r.source))
+        for r in controls:
+            r.rank, r.standing = None, "control (known answer, not ranked)"
         eligible, unranked = [], []
         for r in group:
-            if r.baseline:
+            if r.baseline or r.control:
                 continue
-            ok, why = utility_ok(r)
-            post = r.forget.mean("post") if r.forget is not None else None
-            if ok and post is None:
-                ok, why = False, "unranked: forgetting not measured after quantization"
+            ok, why = forgetting_ok(r)
+            if ok:
+                ok, why = utility_ok(r)
             (eligible if ok else unranked).append(r)
             r.standing = why
-        eligible.sort(key=lambda r: (r.forget.mean("post"), _or_inf(r.forget.mean("gap")), r.method, r.source))
+        eligible.sort(key=lambda r: (r.forget.mean("controlled_recovery"), _or_inf(r.forget.mean("post")),
+                                     r.method, r.source))
         for i, r in enumerate(eligible, start=1):
             r.rank = i
         for r in unranked:
             r.rank = None
-        ordered += baselines + eligible + sorted(unranked, key=lambda r: (r.method, r.source))
+        ordered += baselines + controls + eligible + sorted(unranked, key=lambda r: (r.method, r.source))
     return ordered
 
 

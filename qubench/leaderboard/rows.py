@@ -1,5 +1,6 @@
 """One leaderboard row per (source, run spec without the seed): the mean over seeds with the grid's
-bootstrap interval (qubench.grid.aggregate.bootstrap_mean, so the numbers match `aggregate.json`)."""
+intervals (qubench.grid.aggregate.metric_estimates, so the numbers match `aggregate.json`): recoveries
+by the hierarchical, paired bootstrap over seeds and probes, measurements by the bootstrap over seeds."""
 
 from __future__ import annotations
 
@@ -15,12 +16,7 @@ from qubench import metric_catalog, store
 from qubench.leaderboard.data import Board, Run, Source
 from qubench.results import RunResult
 
-try:  # the grid's own estimator; without it rows show means and no interval
-    from qubench.grid.aggregate import bootstrap_mean
-except ImportError:  # pragma: no cover - the grid package ships with qubench
-    bootstrap_mean = None
-
-FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
+from qubench.grid.aggregate import FIELDS, metric_estimates, verdict
 BASELINE_METHODS = ("target", "retrain")
 
 
@@ -38,6 +34,7 @@ class Stat(Strict):
 class MetricStats(Strict):
     name: str
     values: dict[str, Stat]     # per FIELDS entry
+    verdict: str = "undetermined"  # from the damage-controlled recovery's interval (grid.aggregate.verdict)
 
     def mean(self, field: str) -> float | None:
         return self.values[field].mean
@@ -68,6 +65,7 @@ class Row(Strict):
     utility: MetricStats | None
     runs: list[str]             # Run keys, one per seed
     baseline: bool
+    control: bool = False       # a known-answer control (e.g. +inbucket): shown, labelled, never ranked
     rank: int | None = None
     standing: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -93,22 +91,13 @@ def _label(name: str, params: dict) -> str:
 
 
 def _stats(runs: list[Run], metric: str | None) -> MetricStats | None:
-    if metric is None:
+    if metric is None or not any(metric in r.result.metrics for r in runs):
         return None
-    rows = [r.result.metrics[metric] for r in runs if metric in r.result.metrics]
-    if not rows:
-        return None
-    values = {}
-    for field in FIELDS:
-        xs = [getattr(m, field) for m in rows if getattr(m, field) is not None]
-        if not xs:
-            values[field] = Stat()
-        elif bootstrap_mean is not None:
-            est = bootstrap_mean(xs)
-            values[field] = Stat(mean=est.mean, low=est.ci_low, high=est.ci_high, n=est.n)
-        else:
-            values[field] = Stat(mean=sum(xs) / len(xs), n=len(xs))
-    return MetricStats(name=metric, values=values)
+    estimates = metric_estimates([r.result for r in runs], metric)
+    values = {field: Stat() if est is None else Stat(mean=est.mean, low=est.ci_low, high=est.ci_high, n=est.n)
+              for field, est in estimates.items()}
+    controlled = estimates.get("controlled_recovery")
+    return MetricStats(name=metric, values=values, verdict=verdict(controlled))
 
 
 @lru_cache(maxsize=1)
@@ -182,4 +171,5 @@ def _row(source: Source, runs: list[Run]) -> Row:
         forget=_stats(runs, view.forget if view else None), forget2=_stats(runs, view.forget2 if view else None),
         utility=_stats(runs, view.utility if view else None), runs=[r.key for r in runs],
         baseline=spec.method.name in BASELINE_METHODS,
+        control=bool((resolved.get("method") or {}).get("control")),
     )

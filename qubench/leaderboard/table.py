@@ -37,8 +37,20 @@ COLUMNS = [
     Column("forget_pre", "forget pre", "number", "Forget metric of the unlearned model at full precision (lower = more forgotten)."),
     Column("forget_post", "forget post", "number", "Forget metric of the unlearned model after quantization: what the ranking uses."),
     Column("forget_gap", "gap", "number", "post - pre: how much forgotten knowledge quantization brought back."),
-    Column("recovery", "recovery", "percent", "(post - pre) / (target - pre): the share of the forgetting undone by quantization."),
-    Column("recovery_ci", "recovery 95% CI", "text", "Bootstrap interval of recovery over seeds; none with a single seed."),
+    Column("controlled", "recovered (controlled)", "percent",
+           "Damage-controlled recovery: the share of the forgetting quantization takes back, measured between the "
+           "retrain model (0) and the target (1) quantized the same way: 0% = survives, 100% = fully undone."),
+    Column("controlled_ci", "controlled 95% CI", "text",
+           "Hierarchical bootstrap over seeds and probes (paired across models)."),
+    Column("verdict", "verdict", "text",
+           "From the controlled interval: recovers (all of it at or above 10%), does not recover (all of it below "
+           "10%), undetermined."),
+    Column("position_post", "position post", "number",
+           "Where the quantized unlearned model sits between the quantized retrain model (0) and quantized target (1)."),
+    Column("recovery", "recovery (paper)", "percent",
+           "(post - pre) / (target - pre), against the full-precision target as the papers report it: it also "
+           "counts the quantizer's damage to the target."),
+    Column("recovery_ci", "paper 95% CI", "text", "Interval of the paper's figure, same bootstrap."),
     Column("forget2_metric", "2nd forget metric", "text", "A second forget metric (KnowMem on the forget set for MUSE-style tasks)."),
     Column("forget2_pre", "2nd pre", "number", "Second forget metric at full precision."),
     Column("forget2_post", "2nd post", "number", "Second forget metric after quantization."),
@@ -51,20 +63,25 @@ COLUMNS = [
     Column("source", "source", "text", "Where the row comes from: the reference grid, a submission or a results folder."),
     Column("date", "date", "date", "When the newest of the row's runs finished."),
 ]
-HIDDEN = ("key", "runs", "recovery_low", "recovery_high", "verified_flag")  # for plots, filters, details
+HIDDEN = ("key", "runs", "recovery_low", "recovery_high", "controlled_low", "controlled_high", "verified_flag",
+          "control")  # for plots, filters, details
 
 
 def _mean(stats: MetricStats | None, field: str) -> float | None:
     return stats.mean(field) if stats is not None else None
 
 
-def _ci(stats: MetricStats | None) -> str:
-    if stats is None or stats.values["recovery"].n == 0:
+def _ci(stats: MetricStats | None, field: str = "recovery") -> str:
+    if stats is None or stats.values[field].n == 0:
         return "undefined"
-    s = stats.values["recovery"]
+    s = stats.values[field]
     if s.low is None:
         return f"none (n={s.n})"
     return f"[{s.low:.0%}, {s.high:.0%}] (n={s.n})"
+
+
+def _bound(stats: MetricStats | None, field: str, end: str) -> float | None:
+    return getattr(stats.values[field], end) if stats is not None else None
 
 
 def to_frame(rows: list[Row]) -> pd.DataFrame:
@@ -77,8 +94,12 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
             "engine": r.engine, "evaluation": r.evaluation, "seeds": ", ".join(map(str, r.seeds)),
             "forget_metric": r.forget.name if r.forget else None,
             "forget_pre": _mean(r.forget, "pre"), "forget_post": _mean(r.forget, "post"),
-            "forget_gap": _mean(r.forget, "gap"), "recovery": _mean(r.forget, "recovery"),
-            "recovery_ci": _ci(r.forget),
+            "forget_gap": _mean(r.forget, "gap"),
+            "controlled": _mean(r.forget, "controlled_recovery"),
+            "controlled_ci": _ci(r.forget, "controlled_recovery"),
+            "verdict": r.forget.verdict if r.forget else None,
+            "position_post": _mean(r.forget, "position_post"),
+            "recovery": _mean(r.forget, "recovery"), "recovery_ci": _ci(r.forget),
             "forget2_metric": r.forget2.name if r.forget2 else None,
             "forget2_pre": _mean(r.forget2, "pre"), "forget2_post": _mean(r.forget2, "post"),
             "forget2_gap": _mean(r.forget2, "gap"),
@@ -86,9 +107,11 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
             "utility_pre": _mean(r.utility, "pre"), "utility_post": _mean(r.utility, "post"),
             "utility_target_post": _mean(r.utility, "target_post"),
             "badge": r.badge, "source": r.source, "date": r.date, "key": r.key, "runs": list(r.runs),
-            "recovery_low": r.forget.values["recovery"].low if r.forget else None,
-            "recovery_high": r.forget.values["recovery"].high if r.forget else None,
-            "verified_flag": r.verified,
+            "recovery_low": _bound(r.forget, "recovery", "low"),
+            "recovery_high": _bound(r.forget, "recovery", "high"),
+            "controlled_low": _bound(r.forget, "controlled_recovery", "low"),
+            "controlled_high": _bound(r.forget, "controlled_recovery", "high"),
+            "verified_flag": r.verified, "control": r.control,
         })
     columns = [c.id for c in COLUMNS] + list(HIDDEN)
     frame = pd.DataFrame.from_records(records, columns=columns)

@@ -41,6 +41,9 @@ class UnlearnMethod(Plugin):
     #: True when the method's output depends on the retrain model (the `retrain` reference copies it),
     #: so that the unlearned model's cache key includes the retrain model's content.
     uses_retrain_model: ClassVar[bool] = False
+    #: True for a known-answer control (e.g. `+inbucket`, forgetting hidden inside one quantizer's rounding
+    #: buckets): the leaderboard shows it, labelled, and never ranks it among methods.
+    is_control: ClassVar[bool] = False
 
     @abstractmethod
     def unlearn(self, ctx: UnlearnContext) -> UnlearnOutcome:

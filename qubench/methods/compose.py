@@ -149,6 +149,7 @@ def _build(base_name: str, modifier_names: tuple[str, ...]) -> type[ComposedMeth
         "base_method": base,
         "modifiers": mods,
         "provided_by": base_name,
+        "is_control": base.is_control or any(m.is_control for m in mods),
         "__module__": __name__,
     }
     return type(name, (ComposedMethod, base), namespace)

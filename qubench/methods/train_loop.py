@@ -117,6 +117,8 @@ class TrainHook:
     """
 
     name: ClassVar[str] = ""
+    #: A modifier that makes its method a known-answer control (see UnlearnMethod.is_control).
+    is_control: ClassVar[bool] = False
 
     def before_training(self, session: TrainSession) -> None:
         pass

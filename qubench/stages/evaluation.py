@@ -80,6 +80,9 @@ class Evaluation(Stage):
             store.dump_json(fh, {"label": self.what, "model_dir": str(self.model_dir), "settings": s.settings,
                                  "metrics": metrics, "samples": report.samples})
 
+    def record(self) -> dict[str, Any]:
+        """The measurement (metrics and per-probe samples), measured now if it is not cached yet."""
+        return json.loads(self.get().read_text(encoding="utf-8"))
+
     def metrics(self) -> dict[str, float | None]:
-        """The model's metrics (measured now if they are not cached yet)."""
-        return json.loads(self.get().read_text(encoding="utf-8"))["metrics"]
+        return self.record()["metrics"]

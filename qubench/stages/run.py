@@ -67,10 +67,13 @@ class RunStages:
         return EvalSetup(self.plugins.engine, data, data_dir, self.spec.eval_limit, self.spec.dtype, self.log)
 
     def evaluations(self, setup: EvalSetup, models: PreparedModels, unlearned_dir: Path | None,
-                    q_target: Path | None, q_unlearned: Path | None) -> dict[str, Evaluation]:
-        """The measurements a run compares, by label; models not built yet (None) are left out."""
+                    q_target: Path | None, q_unlearned: Path | None,
+                    q_retrain: Path | None = None) -> dict[str, Evaluation]:
+        """The measurements a run compares, by label; models not built yet (None) are left out. The
+        quantized retrain model is the reference of the damage-controlled recovery (qubench.recovery)."""
         quant = self.plugins.quant
         wanted = {"retrain": ("retrain", models.retrain_dir, self.load_full),
+                  "retrain_post": (f"retrain/{quant.name}", q_retrain, quant.load_quantized),
                   "target_pre": ("target", models.target_dir, self.load_full),
                   "target_post": (f"target/{quant.name}", q_target, quant.load_quantized),
                   "pre": ("unlearned", unlearned_dir, self.load_full),

@@ -23,6 +23,8 @@ GRID_FILES = frozenset({"grid.json", "aggregate.json", "last_run.json"})
 #: How closely a stored gap/recovery must follow from the stored pre/post/target values
 #: (they are computed from those very numbers, so only float rounding is allowed).
 DERIVED_TOLERANCE = 1e-6
+#: The fields of a metric row computed from its measurements (results.metric_row), re-derived here.
+DERIVED_FIELDS = ("gap", "recovery", "position_pre", "position_post", "controlled_recovery")
 
 
 def file_sha256(path: Path) -> str:
@@ -66,7 +68,7 @@ def metric_problems(result: RunResult) -> list[str]:
     """Non-finite numbers, and gaps/recoveries that do not follow from the stored measurements."""
     problems = []
     for name, row in result.metrics.items():
-        values = row.model_dump(exclude={"recovery_note"})
+        values = {k: v for k, v in row.model_dump().items() if not k.endswith("_note")}  # the numbers
         bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
         if bad:
             problems.append(f"metric {name}: non-finite {', '.join(bad)}")
@@ -74,8 +76,9 @@ def metric_problems(result: RunResult) -> list[str]:
         if name not in metric_catalog.BY_NAME:
             problems.append(f"metric {name}: not a qubench metric (known: {', '.join(metric_catalog.BY_NAME)})")
             continue
-        expected = catalogued_row(name, row.pre, row.post, row.target_pre, row.target_post, row.retrain)
-        for field in ("gap", "recovery"):
+        expected = catalogued_row(name, row.pre, row.post, row.target_pre, row.target_post, row.retrain,
+                                  row.retrain_post)
+        for field in DERIVED_FIELDS:
             if not _close(getattr(row, field), getattr(expected, field)):
                 problems.append(f"metric {name}: {field} {getattr(row, field)!r} does not follow from its "
                                 f"pre/post/target values (expected {getattr(expected, field)!r})")
