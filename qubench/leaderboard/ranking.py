@@ -18,7 +18,9 @@ RULE = (
     "for MUSE, VerbMem on retain for the CPU-scale tasks whose tiny models answer no question; "
     f"test accuracy for classification) stays within {UTILITY_MARGIN:.0%} of the quantized target's utility "
     "are ranked; the others are listed without a rank. The target and retrain rows are baselines: pinned at "
-    "the top of their setting and never ranked. Filters hide rows but do not change ranks."
+    "the top of their setting and never ranked. Checkpoints audited with `qubench audit` (method "
+    "external:NAME: models unlearned elsewhere) are listed apart and never ranked, unless they come from a "
+    "submission. Filters hide rows but do not change ranks."
 )
 
 
@@ -50,9 +52,12 @@ def rank(rows: list[Row]) -> list[Row]:
         baselines = sorted((r for r in group if r.baseline), key=lambda r: (r.method != "target", r.source))
         for r in baselines:
             r.rank, r.standing = None, f"baseline ({r.method})"
+        audited = sorted((r for r in group if r.audited and not r.baseline), key=lambda r: (r.method, r.source))
+        for r in audited:
+            r.rank, r.standing = None, "audited checkpoint: listed apart, not ranked (submit it to rank it)"
         eligible, unranked = [], []
         for r in group:
-            if r.baseline:
+            if r.baseline or r.audited:
                 continue
             ok, why = utility_ok(r)
             post = r.forget.mean("post") if r.forget is not None else None
@@ -65,7 +70,7 @@ def rank(rows: list[Row]) -> list[Row]:
             r.rank = i
         for r in unranked:
             r.rank = None
-        ordered += baselines + eligible + sorted(unranked, key=lambda r: (r.method, r.source))
+        ordered += baselines + eligible + sorted(unranked, key=lambda r: (r.method, r.source)) + audited
     return ordered
 
 

@@ -68,6 +68,7 @@ class Row(Strict):
     utility: MetricStats | None
     runs: list[str]             # Run keys, one per seed
     baseline: bool
+    audited: bool = False       # a checkpoint audited with `qubench audit`, not submitted: listed apart, never ranked
     rank: int | None = None
     standing: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -126,6 +127,8 @@ def _plugin(source: Source, result: RunResult) -> str:
     base = result.spec.method.name.split("+")[0]
     if source.kind == "submission" and source.package:
         return f"{source.package} {source.version}"
+    if result.spec.audit is not None:
+        return "external checkpoint (audited)"
     recorded = (result.environment.get("plugins") or {}).get("method")
     if isinstance(recorded, str) and recorded:
         return recorded
@@ -182,4 +185,6 @@ def _row(source: Source, runs: list[Run]) -> Row:
         forget=_stats(runs, view.forget if view else None), forget2=_stats(runs, view.forget2 if view else None),
         utility=_stats(runs, view.utility if view else None), runs=[r.key for r in runs],
         baseline=spec.method.name in BASELINE_METHODS,
+        # An audit is shown apart from the plugin methods unless its authors submitted it.
+        audited=spec.audit is not None and source.kind != "submission",
     )

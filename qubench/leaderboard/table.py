@@ -51,7 +51,7 @@ COLUMNS = [
     Column("source", "source", "text", "Where the row comes from: the reference grid, a submission or a results folder."),
     Column("date", "date", "date", "When the newest of the row's runs finished."),
 ]
-HIDDEN = ("key", "runs", "recovery_low", "recovery_high", "verified_flag")  # for plots, filters, details
+HIDDEN = ("key", "runs", "recovery_low", "recovery_high", "verified_flag", "audited_flag")  # plots, filters, details
 
 
 def _mean(stats: MetricStats | None, field: str) -> float | None:
@@ -88,7 +88,7 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
             "badge": r.badge, "source": r.source, "date": r.date, "key": r.key, "runs": list(r.runs),
             "recovery_low": r.forget.values["recovery"].low if r.forget else None,
             "recovery_high": r.forget.values["recovery"].high if r.forget else None,
-            "verified_flag": r.verified,
+            "verified_flag": r.verified, "audited_flag": r.audited,
         })
     columns = [c.id for c in COLUMNS] + list(HIDDEN)
     frame = pd.DataFrame.from_records(records, columns=columns)
