@@ -24,6 +24,8 @@ from qubench.fingerprint import file_digest, model_fingerprint
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 MODEL_CARD = "README.md"
+#: Files a saved tokenizer consists of (one is enough for AutoTokenizer, depending on its kind).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 #: Config keys that say nothing about the network's shape (left out when explaining a shape mismatch).
 _BOOKKEEPING_KEYS = {"_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version",
                      "use_cache", "_commit_hash", "output_attentions", "output_hidden_states"}
@@ -230,13 +232,17 @@ def check_same_tokenizer(target_dir: Path, unlearned_dir: Path, texts: Iterable[
     from transformers import AutoTokenizer
 
     target = AutoTokenizer.from_pretrained(target_dir)
+    fix = ("each model is evaluated with its own tokenizer: save the target's beside it "
+           f"(AutoTokenizer.from_pretrained(TARGET).save_pretrained('{unlearned_dir}'))")
+    if not any((Path(unlearned_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"the unlearned model folder {unlearned_dir} has no tokenizer (none of "
+                          f"{', '.join(TOKENIZER_FILES)}); {fix}")
     try:
         other = AutoTokenizer.from_pretrained(unlearned_dir)
     except Exception as exc:
-        raise ConfigError(
-            f"the unlearned model folder {unlearned_dir} has no usable tokenizer ({type(exc).__name__}: {exc}). "
-            "Each model is evaluated with its own tokenizer: save the target's beside it "
-            f"(AutoTokenizer.from_pretrained(TARGET).save_pretrained('{unlearned_dir}'))") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"the unlearned model folder {unlearned_dir} has no usable tokenizer "
+                          f"({type(exc).__name__}: {first_line}); {fix}") from None
     advice = ("qubench evaluates each model with the tokenizer saved beside it, so the same probe would reach "
               "the two models as different token IDs: save the target's tokenizer with the unlearned model")
     vt, vo = target.get_vocab(), other.get_vocab()

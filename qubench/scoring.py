@@ -85,8 +85,8 @@ class Separation:
             return f"not measurable ({self.reference_label}), so recovery figures carry no information."
         cmp, verdict = (">=", "it remembers the forget set, so recovery figures are informative") if self.separated \
             else ("<", "it does not remember the forget set measurably more, so recovery figures carry no information")
-        return (f"the target scores {self.target:.1f} on {self.metric}, {self.reference_label} "
-                f"{self.reference:.1f} (margin {self.margin:.1f} {cmp} {self.threshold:g} points): {verdict}.")
+        return (f"the target scores {self.target:.1f} on {self.metric} against {self.reference:.1f} for "
+                f"{self.reference_label} (margin {self.margin:.1f} {cmp} {self.threshold:g} points): {verdict}.")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "margin": self.margin, "separated": self.separated, "sentence": self.sentence()}
@@ -106,4 +106,5 @@ def separation(measured: Measured, threshold: float = SEPARATION_THRESHOLD) -> S
     floor = next((m.name for m in metric_catalog.METRICS if m.role == "floor" and m.view == view), None)
     if floor is None or target.get(floor) is None:
         return Separation(name, target[name], None, "no retrain model and no holdout metric measured", threshold)
-    return Separation(name, target[name], target[floor], f"and on never-trained holdout text ({floor})", threshold)
+    return Separation(name, target[name], target[floor], f"the target on never-trained holdout text, {floor}",
+                      threshold)

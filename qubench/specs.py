@@ -61,6 +61,9 @@ class RunSpec(Frozen):
                                        or self.method.name == EXTERNAL_PREFIX):
             raise ValueError(f"an audit's method must be '{EXTERNAL_PREFIX}<name>' without parameters, "
                              f"not {self.method.name!r}")
+        if self.audit is not None and self.model is None:
+            raise ValueError("an audit needs its target: `model` (--target) is the model the checkpoint was "
+                             "unlearned from")
         return self
 
     @property

@@ -167,8 +167,8 @@ def _row(source: Source, runs: list[Run]) -> Row:
     model = spec.model or f"task's own target ({target.get('fingerprint', '?')})"
     group_size = scheme.get("group_size", scheme.get("block_size"))
     setting = spec.model_dump(mode="json")
-    for key in ("seed", "method"):
-        setting.pop(key)
+    for key in ("seed", "method", "audit"):  # an audited checkpoint is compared with methods in its setting
+        setting.pop(key, None)
     return Row(
         key=f"{source.name}/{store.stable_hash([r.key for r in runs])}",
         source=source.name, badge=source.badge, verified=source.verified,
