@@ -270,6 +270,16 @@ def check_same_tokenizer(target_dir: Path, unlearned_dir: Path, texts: Iterable[
                               f"{text[:60]!r} as {ids_o[:8]}... where the target's gives {ids_t[:8]}...; {advice}")
 
 
+def dtype_note(target_dir: Path, unlearned_dir: Path) -> str | None:
+    """A note when the two are stored in different dtypes: the weight deltas then include the cast."""
+    stored = [(_read_json(Path(d) / MODEL_CONFIG) or {}) for d in (target_dir, unlearned_dir)]
+    target, other = (c.get("dtype") or c.get("torch_dtype") for c in stored)
+    if target and other and target != other:
+        return (f"the unlearned model is stored in {other}, the target in {target}: its weight deltas include "
+                "that cast as well as the unlearning")
+    return None
+
+
 def _safetensors_index(folder: Path) -> dict[str, Path] | None:
     """tensor name -> file, for a folder stored as (sharded) safetensors; None otherwise."""
     from safetensors import safe_open

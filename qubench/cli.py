@@ -118,7 +118,7 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
     """Audit a model unlearned elsewhere: quantize it and its target, evaluate both before and after,
     and report how much of the forgetting each quantizer undoes. Bad input (another network or
     tokenizer, nothing unlearned, a target that never saw the task's forget set) stops before any
-    quantization."""
+    quantization. With --json, prints a JSON list of results, one per quantizer."""
     from qubench import pipeline
     from qubench.specs import EXTERNAL_PREFIX, AuditInput, external_name
 

@@ -246,6 +246,14 @@ def test_adapter_naming_another_hub_model_as_its_base_is_refused(models):
         check_adapter_base(adapter, models["shapes"], "muse-bench/MUSE-News_target")
 
 
+def test_a_checkpoint_stored_in_another_dtype_is_noted(models, tmp_path):
+    from qubench.audit import dtype_note
+
+    _load(models["target"]).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert "stored in bfloat16, the target in float32" in dtype_note(models["target"], tmp_path / "bf16")
+    assert dtype_note(models["target"], models["unlearned"]) is None
+
+
 def test_an_identical_checkpoint_is_still_audited_when_asked(models, tmp_path, monkeypatch):
     (out,) = _audit(tmp_path / "home", tmp_path / "r", *TINY, *ALLOW, "--allow-identical", "--target",
                     str(models["target"]), "--unlearned", str(models["resharded"]), monkeypatch=monkeypatch)
@@ -256,6 +264,53 @@ def test_an_identical_checkpoint_is_still_audited_when_asked(models, tmp_path, m
     for name, row in result.metrics.items():  # same weights, same measurements: no forgetting to recover
         assert row.pre == row.target_pre and row.recovery is None, name
     assert result.resolved["separation"]["separated"] is False
+
+
+# --- where a checkpoint comes from, and what it says about itself ---------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+CARD = "---\nlicense: mit\nbase_model: someone/target\ntags: [unlearning]\n---\n# Unlearned\nForgot the news."
+
+
+@pytest.fixture
+def hub_cache(tiny_model_dir, tmp_path, monkeypatch) -> Path:
+    """A Hugging Face cache holding someone/unlearned at COMMIT (as a download leaves it), used offline."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--unlearned"
+    snapshot = Path(shutil.copytree(tiny_model_dir, repo / "snapshots" / COMMIT))
+    (snapshot / "README.md").write_text(CARD)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("QUBENCH_HOME", str(tmp_path / "home"))
+    return snapshot
+
+
+def test_a_hub_checkpoint_is_found_in_the_cache_with_its_revision_and_model_card(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    from qubench.audit import locate, provenance, resolve
+
+    for ref in ("someone/unlearned", f"someone/unlearned@{COMMIT}"):
+        found = locate(ref)
+        assert (found.path, found.hub_id, found.revision) == (hub_cache, "someone/unlearned", COMMIT), ref
+    assert locate("someone/elsewhere") is None  # not downloaded: not here, and nothing is fetched
+    asked = {}
+
+    def download(repo_id, revision=None, **kwargs):  # the network call; everything around it is ours
+        asked.update(repo_id=repo_id, revision=revision)
+        return str(hub_cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    checkpoint = resolve("someone/unlearned@v1.0")
+    assert asked == {"repo_id": "someone/unlearned", "revision": "v1.0"}
+    record = provenance(checkpoint)
+    assert (record["hub_id"], record["revision"], record["kind"]) == ("someone/unlearned", COMMIT, "model")
+    assert record["model_card"]["metadata"] == {"license": "mit", "base_model": "someone/target",
+                                                "tags": ["unlearning"]}
+    assert record["model_card"]["excerpt"] == "# Unlearned\nForgot the news."
+    assert len(record["model_card"]["sha256"]) == 64 and record["fingerprint"]
 
 
 # --- acceptance: `qubench run`, then the same model audited as an external folder -----------------------
@@ -453,6 +508,25 @@ def test_leaderboard_lists_audited_checkpoints_apart_unless_submitted(tmp_path):
     frame = table.to_frame(rows)
     assert frame[frame["audited_flag"]]["method"].tolist() == ["external:theirs"]
     assert "external:NAME" in ranking.RULE
+
+
+def test_leaderboard_page_shows_audited_checkpoints_in_their_own_table(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit", reason="the leaderboard extra is not installed")
+    from leaderboard_data import make_result, write
+    from streamlit.testing.v1 import AppTest
+
+    write(_with(make_result("ga"), model=TARGET), tmp_path / "grid")
+    write(_audit_result("theirs", post=11.0), tmp_path / "grid")
+    monkeypatch.setenv("QUBENCH_LEADERBOARD_RESULTS", str(tmp_path / "grid"))
+    monkeypatch.setenv("QUBENCH_LEADERBOARD_SUBMISSIONS", str(tmp_path / "none"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "leaderboard" / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert list(at.dataframe[0].value["method"]) == ["ga"]
+    assert any(h.value.startswith("Audited checkpoints (1 rows)") for h in at.subheader)
+    audits = next(d.value for d in at.dataframe if "method" in d.value.columns and "external:theirs" in
+                  set(d.value["method"]))
+    assert list(audits["standing"]) == ["audited checkpoint: listed apart, not ranked (submit it to rank it)"]
 
 
 def test_a_submitted_audit_is_ranked_with_the_methods(tmp_path):

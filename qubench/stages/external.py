@@ -115,12 +115,15 @@ class ExternalUnlearned:
     def check_inputs(self, unlearned_dir: Path, data) -> dict[str, Any]:
         """Refuse an unlearned model that is not the target's network with the target's tokenizer, or
         that is the target itself (unless allowed); return the audit's record for the result."""
-        from qubench.audit import check_same_network, check_same_tokenizer, provenance, weights_identical
+        from qubench.audit import (check_same_network, check_same_tokenizer, dtype_note, provenance,
+                                   weights_identical)
         from qubench.errors import ConfigError
 
         target_dir = self.models.target_dir
         check_same_network(target_dir, unlearned_dir)
         check_same_tokenizer(target_dir, unlearned_dir, _sample_texts(data))
+        if note := dtype_note(target_dir, unlearned_dir):
+            self.notes.append(note)
         identical = weights_identical(target_dir, unlearned_dir)
         if identical and not self.audit.allow_identical:
             raise ConfigError(
