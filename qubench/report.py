@@ -66,8 +66,9 @@ def _print_audit(console: Console, result: RunResult) -> None:
     if isinstance(external, dict):
         where = external.get("hub_id") or external.get("path")
         revision = f" @ {external['revision']}" if external.get("revision") else ""
-        console.print(f"audited checkpoint: {escape(str(where))}{escape(revision)} ({escape(str(external.get('kind')))}, "
-                      f"fingerprint {escape(str(external.get('fingerprint')))})", highlight=False)
+        kind, fingerprint = escape(str(external.get("kind"))), escape(str(external.get("fingerprint")))
+        console.print(f"audited checkpoint: {escape(str(where))}{escape(revision)} ({kind}, fingerprint {fingerprint})",
+                      highlight=False)
     for note in (result.resolved.get("audit") or {}).get("notes", []):
         console.print(f"[yellow]note[/yellow]: {escape(str(note))}")
     separation = result.resolved.get("separation")

@@ -29,7 +29,8 @@ class AuditInput(Frozen):
     """An unlearned model qubench did not make (`qubench audit`): no unlearning stage runs; it is
     quantized and measured against the spec's target as a method's output would be."""
 
-    unlearned: str = Field(min_length=1)  # a save_pretrained folder, a hub ID (owner/name[@revision]) or a peft LoRA adapter folder
+    #: A save_pretrained folder, a hub ID (owner/name[@revision]) or a peft LoRA adapter folder.
+    unlearned: str = Field(min_length=1)
     allow_identical: bool = False          # audit a checkpoint whose weights equal the target's (nothing unlearned)
     allow_no_separation: bool = False      # audit although the target does not remember the forget set measurably
 
@@ -65,10 +66,6 @@ class RunSpec(Frozen):
             raise ValueError("an audit needs its target: `model` (--target) is the model the checkpoint was "
                              "unlearned from")
         return self
-
-    @property
-    def is_audit(self) -> bool:
-        return self.audit is not None
 
     def engine_params(self) -> dict[str, Any]:
         """The engine's parameters: its own, over the spec's evaluation batch size."""
