@@ -44,10 +44,7 @@ def main() -> None:
 @click.option("--method", default="ga_gdr", show_default=True, help="Unlearning method plugin.")
 @click.option("--quant", default="rtn-4bit", show_default=True, help="Quantizer plugin.")
 @click.option("--engine", default="hf", show_default=True, help="Evaluation engine plugin.")
-@shared("task_params", "method_params", "quant_params", "engine_params")
-@click.option("--vllm-python", default=None, metavar="PATH",
-              help="Python of the environment with vLLM, for --engine vllm (default $QUBENCH_VLLM_PYTHON, "
-                   "else this python). Not part of the run's identity.")
+@shared("task_params", "method_params", "quant_params", "engine_params", "vllm_python")
 @shared("model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int)
 @shared("batch_size", "dtype", "limit")
@@ -59,15 +56,7 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
     from qubench import pipeline
 
-    if vllm_python is not None:
-        if engine != "vllm":
-            raise click.BadParameter("only applies to --engine vllm", param_hint="--vllm-python")
-        # Through the environment rather than the spec: where vLLM is installed does not change
-        # what is measured, so it stays out of the run ID (the engine still records it in results).
-        from qubench.engines.vllm_server import PYTHON_ENV
-
-        os.environ[PYTHON_ENV] = vllm_python
-
+    _use_vllm_python(engine, vllm_python)
     spec = RunSpec(
         task=PluginRef(name=task, params=_params(task_params)),
         method=PluginRef(name=method, params=_params(method_params)),
@@ -84,6 +73,79 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
         out.print_json(result.model_dump_json())
     else:
         print_result(out, result, pipeline.result_path(results_dir, spec))
+
+
+def _use_vllm_python(engine: str, vllm_python: str | None) -> None:
+    if vllm_python is None:
+        return
+    if engine != "vllm":
+        raise click.BadParameter("only applies to --engine vllm", param_hint="--vllm-python")
+    # Through the environment rather than the spec: where vLLM is installed does not change
+    # what is measured, so it stays out of the run ID (the engine still records it in results).
+    from qubench.engines.vllm_server import PYTHON_ENV
+
+    os.environ[PYTHON_ENV] = vllm_python
+
+
+@main.command()
+@click.option("--task", default="synth-news", show_default=True, help="Task plugin: the data the target was "
+              "trained on, whose forget set was unlearned.")
+@click.option("--target", required=True, help="The model the checkpoint was unlearned from: folder or hub ID.")
+@click.option("--unlearned", required=True,
+              help="The checkpoint to audit: a save_pretrained folder, a hub ID (owner/name[@revision]) or a peft "
+                   "LoRA adapter folder (merged onto the target first).")
+@click.option("--retrain", default=None,
+              help="The target's retrain reference (never trained on the forget set): folder or hub ID. Without "
+                   "it, separation is checked against the target's own holdout score and PrivLeak uses the "
+                   "task's published AUC_retrain, where it has one.")
+@click.option("--quant", "quants", multiple=True, required=True,
+              help="Quantizer (repeatable: one result per quantizer).")
+@click.option("--name", default=None,
+              help="The checkpoint's label: results name its method external:NAME (default: the folder's name, "
+                   "or the hub ID).")
+@click.option("--allow-identical", is_flag=True,
+              help="Audit even a checkpoint whose weights equal the target's (the result says nothing was unlearned).")
+@click.option("--allow-no-separation", is_flag=True,
+              help="Audit even when the target does not remember the forget set measurably more than its "
+                   "reference (the result says its recovery figures carry no information).")
+@click.option("--engine", default="hf", show_default=True, help="Evaluation engine plugin.")
+@shared("task_params", "quant_params", "engine_params", "vllm_python", "batch_size", "dtype", "limit")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
+@shared("as_json")
+def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow_no_separation, engine, task_params,
+          quant_params, engine_params, vllm_python, batch_size, dtype, limit, results_dir, force, as_json) -> None:
+    """Audit a model unlearned elsewhere: quantize it and its target, evaluate both before and after,
+    and report how much of the forgetting each quantizer undoes. Bad input (another network or
+    tokenizer, nothing unlearned, a target that never saw the task's forget set) stops before any
+    quantization. With --json, prints a JSON list of results, one per quantizer."""
+    from qubench import pipeline
+    from qubench.specs import EXTERNAL_PREFIX, AuditInput, external_name
+
+    _use_vllm_python(engine, vllm_python)
+    if name is not None and not name.strip():
+        raise click.BadParameter("must not be empty", param_hint="--name")
+    local = Path(unlearned).expanduser()
+    # A local folder is recorded by its absolute path: the same relative path elsewhere is another model.
+    ref = str(local.resolve()) if local.exists() else unlearned
+    check = AuditInput(unlearned=ref, allow_identical=allow_identical, allow_no_separation=allow_no_separation)
+    specs = [RunSpec(task=PluginRef(name=task, params=_params(task_params)),
+                     method=PluginRef(name=EXTERNAL_PREFIX + (name or external_name(unlearned))),
+                     quant=PluginRef(name=quant, params=_params(quant_params)),
+                     engine=PluginRef(name=engine, params=_params(engine_params)), model=target,
+                     retrain_model=retrain, audit=check,
+                     **set_only(batch_size=batch_size, dtype=dtype, eval_limit=limit)) for quant in quants]
+    log = (lambda msg: console.print(escape(msg), highlight=False)) if not as_json else (lambda msg: None)
+    done = []
+    for spec in specs:
+        try:
+            done.append(pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json))
+        except QubenchError as exc:
+            _fail(exc)
+        if not as_json:
+            print_result(out, done[-1], pipeline.result_path(results_dir, spec))
+    if as_json:
+        out.print_json(json.dumps([json.loads(r.model_dump_json()) for r in done]))
 
 
 @main.command()

@@ -24,6 +24,9 @@ OPTIONS: dict[str, Callable] = {
     "engine_params": click.option("--engine-param", "engine_params", **_KV,
                                   help="Engine parameter, e.g. python=/path/to/vllm-venv/bin/python for the vllm "
                                        "engine (repeatable)."),
+    "vllm_python": click.option("--vllm-python", default=None, metavar="PATH",
+                                help="Python of the environment with vLLM, for --engine vllm (default "
+                                     "$QUBENCH_VLLM_PYTHON, else this python). Not part of the run's identity."),
     "model": click.option("--model", default=None, help="Existing target model: local folder or hub ID."),
     "retrain_model": click.option("--retrain-model", default=None,
                                   help="Existing retrain reference model (with --model): folder or hub ID."),

@@ -50,6 +50,8 @@ def plugin_sources(spec) -> dict[str, str | None]:
 
     refs = {"task": ("tasks", spec.task), "method": ("methods", spec.method), "quant": ("quantizers", spec.quant),
             "engine": ("engines", spec.engine)}
+    if getattr(spec, "audit", None) is not None:  # an audit's "method" is a checkpoint, no plugin
+        refs.pop("method")
     return {key: registry.source(family, ref.name) for key, (family, ref) in refs.items()}
 
 

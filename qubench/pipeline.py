@@ -1,12 +1,16 @@
-"""`qubench run`: task data -> target model -> unlearn -> quantize -> evaluate -> score -> publish.
+"""`qubench run` and `qubench audit`: task data -> target model -> unlearned model -> checks -> evaluate
+at full precision -> separation -> quantize -> evaluate quantized -> score -> publish.
 
 A straight pass over the run's stage objects (`qubench.stages.run.RunStages`): each stage's output is
 cached under QUBENCH_HOME by a hash of what determines it, so the target's own evaluations, unlearned
-models and quantized checkpoints are computed once and shared by every run that needs them.
+models and quantized checkpoints are computed once and shared by every run that needs them. A run and
+an audit differ only in where the unlearned model comes from (`RunStages.unlearned`): a method's
+unlearning, or a checkpoint made elsewhere, whose input checks refuse bad input before any quantizer runs.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -17,9 +21,10 @@ from qubench import results
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
-from qubench.scoring import diagnostics_for, score
+from qubench.scoring import diagnostics_for, score, separation
 from qubench.specs import RunSpec
-from qubench.stages import Evaluation, Quantized, TaskData, Unlearned
+from qubench.stages import Evaluation, Quantized, TaskData
+from qubench.stages.external import CHECK_STEP, changed_since
 from qubench.stages.models import PreparedModels
 from qubench.stages.quantized import read_record
 from qubench.stages.run import Plugins, RunStages
@@ -45,17 +50,27 @@ class Timer:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
+def _file_part(name: str) -> str:
+    # Plugin names are file-safe already; an audited checkpoint's name may be a path or hub ID (owner/name).
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
 def result_path(results_dir: Path, spec: RunSpec) -> Path:
-    return results_dir / f"{spec.task.name}__{spec.method.name}__{spec.quant.name}__s{spec.seed}__{spec.run_id()}.json"
+    return results_dir / (f"{spec.task.name}__{_file_part(spec.method.name)}__{spec.quant.name}__s{spec.seed}__"
+                          f"{spec.run_id()}.json")
 
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         progress: bool = True) -> results.RunResult:
-    """Run one spec; reuse its stored result unless `force` or it had failed."""
+    """Run one spec (an audit when `spec.audit` is set); reuse its stored result unless `force`, it had
+    failed, or the audited checkpoint changed since."""
     out = result_path(results_dir, spec)
     if not force and (stored := results.stored_ok(out)) is not None:
-        log(f"reusing stored result {out} (pass --force to recompute)")
-        return stored
+        changed = changed_since(spec.audit, stored) if spec.audit is not None else None
+        if changed is None:
+            log(f"reusing stored result {out} (pass --force to recompute)")
+            return stored
+        log(f"recomputing {out}: {changed}")
     plugins = Plugins.from_spec(spec)  # bad names/params fail here, before any work
     stages = RunStages(spec, plugins, log, progress)
     stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
@@ -68,11 +83,21 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         result.data_hashes = data.file_hashes()
         models: PreparedModels = timer("prepare_models", stages.models(data).get_models)
 
-        step = Unlearned.step
-        unlearned = stages.unlearned(models, data)
+        unlearned = stages.unlearned(models, data)  # a method's unlearning, or an audit's external checkpoint
+        step = unlearned.step
         if not unlearned.exists():
-            log(f"unlearning with {plugins.method.name} ...")
-        unlearned_dir = timer("unlearn", unlearned.get)
+            log(unlearned.activity())
+        unlearned_dir = timer(unlearned.timing, unlearned.get)
+        step = CHECK_STEP  # an audit's bad input stops here, before anything is quantized or evaluated
+        audit = timer(unlearned.timing, unlearned.check_inputs, unlearned_dir, data)
+
+        step = Evaluation.step
+        setup = stages.eval_setup(data, data_dir)
+        measure = lambda evaluations: timer("evaluate", measure_models, evaluations,
+                                            plugins.task.published_auc_retrain, spec.task.name)
+        separated = separation(measure(stages.evaluations(setup, models, None, None, None)))  # target, retrain
+        step = CHECK_STEP
+        unlearned.check_separation(separated)  # an audit without separation stops here, before quantizing
 
         step = Quantized.step
         q_target = timer("quantize", _quantized, stages.quantized(models.target_dir, data), log)
@@ -83,10 +108,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
                      if models.retrain_dir is not None else None)
 
         step = Evaluation.step
-        evaluations = stages.evaluations(stages.eval_setup(data, data_dir), models, unlearned_dir, q_target,
-                                         q_unlearned, q_retrain)
-        measured = timer("evaluate", measure_models, evaluations, plugins.task.published_auc_retrain,
-                         spec.task.name)
+        measured = measure(stages.evaluations(setup, models, unlearned_dir, q_target, q_unlearned, q_retrain))
 
         step = SCORE_STEP
         result.metrics = score(measured)
@@ -94,7 +116,8 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
                                    unlearned_dir, q_target, q_unlearned)
         result.unlearning = read_log(unlearned_dir)
-        result.resolved = _resolved(plugins, models, unlearned_dir, q_target, q_unlearned, measured)
+        result.resolved = _resolved(spec, plugins, models, unlearned_dir, q_target, q_unlearned, measured, audit)
+        result.resolved["separation"] = separated.as_dict()
         result.resolved["seed"] = _seed_use(spec, models)
         result.status = "ok"
     except Exception as exc:
@@ -121,6 +144,11 @@ def _quantized(stage: Quantized, log: Log) -> Path:
 
 def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:
     """What the run's seed varied, for the record."""
+    if spec.audit is not None:
+        return {"run": spec.seed, "unlearning": None,
+                "target_training": models.recipe["seed"] if models.recipe else None,
+                "note": "audit of a checkpoint unlearned elsewhere: nothing is unlearned here"
+                        + ("; the seed picks the target trained here" if models.recipe else "")}
     return {"run": spec.seed, "unlearning": spec.seed,
             "target_training": models.recipe["seed"] if models.recipe else None,
             "note": ("target and retrain trained here with recipe seed = task recipe seed + run seed"
@@ -135,13 +163,16 @@ class RunFailed(QubenchError):
         self.path = path
 
 
-def _resolved(plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_target: Path, q_unlearned: Path,
-              measured) -> dict:
+def _resolved(spec: RunSpec, plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_target: Path,
+              q_unlearned: Path, measured, audit: dict | None) -> dict:
+    # An audit's method is the checkpoint it audits: its identity and whatever provenance it carries.
+    method = ({"name": plugins.method.name, "params": plugins.method.params(), "control": plugins.method.is_control}
+              if audit is None else {"name": spec.method.name, "params": {}, "external": audit["checkpoint"]})
     return {
         "task": {"name": plugins.task.name, "params": plugins.task.params(), "note": plugins.task.note,
                  "utility_metric": plugins.task.utility_metric},
-        "method": {"name": plugins.method.name, "params": plugins.method.params(),
-                   "control": plugins.method.is_control},
+        "method": method,
+        **({} if audit is None else {"audit": {k: v for k, v in audit.items() if k != "checkpoint"}}),
         "quant": {"name": plugins.quant.name, "params": plugins.quant.params(), "scheme": plugins.quant.scheme(),
                   "checkpoint": read_record(q_unlearned)},
         "engine": {"name": plugins.engine.name, "params": plugins.engine.params(),
@@ -150,7 +181,8 @@ def _resolved(plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_t
             "target": {"id": models.target_id, "fingerprint": model_fingerprint(models.target_dir)},
             "retrain": {"id": models.retrain_id,
                         "fingerprint": model_fingerprint(models.retrain_dir) if models.retrain_dir else None},
-            "unlearned": {"fingerprint": model_fingerprint(unlearned_dir)},
+            "unlearned": {"fingerprint": model_fingerprint(unlearned_dir),
+                          **({} if spec.audit is None else {"id": spec.audit.unlearned})},
             "recipe": models.recipe,
         },
         "privleak_reference": measured.auc_reference,

@@ -39,6 +39,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
     _print_controlled(console, result)
     if note := result.resolved.get("task", {}).get("note"):
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
+    _print_audit(console, result)
     # Tasks without QA probes (e.g. social-media posts) have no KnowMem: say so instead of a silent gap.
     absent = [m.name for m in metric_catalog.METRICS if m.muse and m.name not in result.metrics]
     if absent:
@@ -85,6 +86,23 @@ def _print_controlled(console: Console, result: RunResult) -> None:
 
 def _pos(value) -> str:
     return "—" if value is None else f"{value:.2f}"
+
+
+def _print_audit(console: Console, result: RunResult) -> None:
+    """An audit's checkpoint and notes, and the separation check (whether recovery means anything)."""
+    external = (result.resolved.get("method") or {}).get("external")
+    if isinstance(external, dict):
+        where = external.get("hub_id") or external.get("path")
+        revision = f" @ {external['revision']}" if external.get("revision") else ""
+        kind, fingerprint = escape(str(external.get("kind"))), escape(str(external.get("fingerprint")))
+        console.print(f"audited checkpoint: {escape(str(where))}{escape(revision)} ({kind}, fingerprint {fingerprint})",
+                      highlight=False)
+    for note in (result.resolved.get("audit") or {}).get("notes", []):
+        console.print(f"[yellow]note[/yellow]: {escape(str(note))}")
+    separation = result.resolved.get("separation")
+    if isinstance(separation, dict) and separation.get("sentence"):
+        colour = "green" if separation.get("separated") else "bold yellow"
+        console.print(f"[{colour}]separation: {escape(str(separation['sentence']))}[/{colour}]")
 
 
 def _sci(value) -> str:

@@ -69,13 +69,14 @@ def test_side_files_do_not_change_a_model_fingerprint(home, tmp_path):
 
 
 def test_every_stage_kind_has_a_folder_a_step_and_a_description():
-    assert list(STAGE_KINDS) == ["tasks", "downloads", "models", "unlearned", "hinge_logits", "hinge_delta",
-                                 "quantized", "evals"]
+    assert list(STAGE_KINDS) == ["tasks", "downloads", "models", "unlearned", "merged", "hinge_logits",
+                                 "hinge_delta", "quantized", "evals"]
     for kind, cls in STAGE_KINDS.items():
         assert cls.kind == kind and cls.description and cls.step in ("prepare", "unlearn", "quantize", "evaluate")
     # A failure in a stage every cell of a grid group shares fails the group; others fail one cell.
     assert step_is_group_shared("prepare") and step_is_group_shared("unlearn")
     assert not step_is_group_shared("quantize") and not step_is_group_shared("evaluate")
+    assert step_is_group_shared("check")  # an audit's input checks hold for every quantizer of its group
 
 
 def test_no_module_outside_the_stages_spells_a_cache_folder():

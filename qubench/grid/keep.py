@@ -16,10 +16,11 @@ from pathlib import Path
 
 from qubench import store
 from qubench.grid.plan import Group, StageWalker
-from qubench.stages import Quantized, Unlearned
+from qubench.stages import Merged, Quantized, Unlearned
 
 KEEP_POLICIES = ("checkpoints", "results")
-PRUNED_KINDS = (Unlearned.kind, Quantized.kind)
+#: Only these kinds are ever deleted: an audited checkpoint (kind `external`) is the user's own folder.
+PRUNED_KINDS = (Unlearned.kind, Merged.kind, Quantized.kind)
 
 
 def _listing() -> set[Path]:
@@ -51,7 +52,8 @@ class Pruner:
                 needs = self.walker.walk(cell.spec)
             except Exception:  # e.g. the task data never got built: nothing of this cell to prune
                 continue
-            built = {role: n.key for role, n in needs.items() if n.exists and not n.symbolic}
+            built = {role: n.key for role, n in needs.items()
+                     if n.exists and not n.symbolic and n.kind in PRUNED_KINDS}
             own |= {built[role] for role in ("unlearned", "q_unlearned") if role in built}
             shared |= {built[role] for role in ("q_target", "q_retrain") if role in built}
         # the `target` and `retrain` methods' quantized models are the quantized references themselves

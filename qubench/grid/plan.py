@@ -55,7 +55,8 @@ def cells_dir(results_dir: Path) -> Path:
 
 
 def expand(grid: GridSpec) -> list[Group]:
-    """Groups in run order: task, then seed (one target at a time), then method; quantizers inside."""
+    """Groups in run order: task, then seed (one target at a time), then method; quantizers inside.
+    Audited checkpoints are groups of the first seed (an audit unlearns nothing a seed could vary)."""
     groups = []
     for task in grid.tasks:
         for seed in grid.seeds:
@@ -63,6 +64,10 @@ def expand(grid: GridSpec) -> list[Group]:
                 cells = tuple(Cell(task.id, method.id, quant.id, seed, grid.run_spec(task, method, quant, seed))
                               for quant in grid.quantizers)
                 groups.append(Group(task.id, seed, method.id, cells))
+            for audit in grid.audits if seed == grid.seeds[0] else ():
+                cells = tuple(Cell(task.id, audit.id, quant.id, seed, grid.audit_spec(task, audit, quant))
+                              for quant in grid.quantizers)
+                groups.append(Group(task.id, seed, audit.id, cells))
     return groups
 
 
@@ -83,7 +88,11 @@ def stored_status(cell: Cell, results_dir: Path) -> str | None:
 
 #: Rows of the dry-run table: the stage kinds a cell needs, in pipeline order.
 STAGES = {"tasks": "task data", "models": "target/retrain models", "unlearned": "unlearned models",
+          "external": "audited checkpoints (existing)", "merged": "merged LoRA adapters (audits)",
           "quantized": "quantized checkpoints", "evals": "evaluations"}
+
+#: Rows only audits need (shown only when a grid has audits).
+AUDIT_KINDS = ("external", "merged")
 
 
 @dataclass
@@ -176,10 +185,13 @@ class StageWalker:
         method_key = ("unlearned", models_key, spec.method.name, json.dumps(spec.method.params, sort_keys=True),
                       spec.seed)
         ready = models is not None and data is not None
-        unlearned = st.unlearned(models, data) if ready else None
-        needs["unlearned"] = (Need("unlearned", unlearned.path(), unlearned.exists()) if unlearned is not None
-                              else Need("unlearned", method_key, False, symbolic=True))
-        unlearned_dir = unlearned.path() if unlearned is not None and unlearned.exists() else None
+        if spec.audit is not None:  # an existing checkpoint (never pruned), or an adapter merged here
+            needs["unlearned"] = _audited(st.unlearned(models, data), method_key)
+        else:
+            unlearned = st.unlearned(models, data) if ready else None
+            needs["unlearned"] = (Need("unlearned", unlearned.path(), unlearned.exists()) if unlearned is not None
+                                  else Need("unlearned", method_key, False, symbolic=True))
+        unlearned_dir = needs["unlearned"].key if needs["unlearned"].exists else None
         q_target = st.quantized(models.target_dir, data) if ready else None
         needs["q_target"] = (Need("quantized", q_target.path(), q_target.exists()) if q_target is not None
                              else Need("quantized", ("quantized", models_key, quant_key), False, symbolic=True))
@@ -214,6 +226,20 @@ class StageWalker:
         return needs
 
 
+def _audited(source, method_key) -> Need:
+    """What an audit cell needs in place of an unlearned model: the checkpoint itself (kind `external`,
+    here or still to download), or for a LoRA adapter its merge onto the target (kind `merged`)."""
+    found = source.local()
+    if found is None:
+        return Need("external", ("external", source.audit.unlearned), False, symbolic=True)
+    if not found.is_adapter:
+        return Need("external", found.path, True)
+    if source.models is None:
+        return Need("merged", ("merged", method_key), False, symbolic=True)
+    merged = source.merged(found.path)
+    return Need("merged", merged.path(), merged.exists())
+
+
 def count(groups: list[Group], results_dir: Path) -> PlanCounts:
     """How many cells and stage artifacts the grid needs, and how many of each are already cached.
 
@@ -234,6 +260,9 @@ def count(groups: list[Group], results_dir: Path) -> PlanCounts:
             found[need.kind][need.key] = found[need.kind].get(need.key, False) or need.exists
             counts.exact &= not need.symbolic
     for kind, keys in found.items():
+        if kind in AUDIT_KINDS and not keys:  # a grid without audits shows no audit rows
+            del counts.stages[STAGES[kind]]
+            continue
         row = counts.stages[STAGES[kind]]
         row.needed, row.cached = len(keys), sum(keys.values())
     return counts

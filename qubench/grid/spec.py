@@ -10,6 +10,14 @@ A grid spec is YAML (or flags for the simple case):
 
 Every entry is a plugin name or {name, params, label}; the label (default: the name) names the
 entry in results and aggregates, so one method may appear twice with different parameters.
+
+Checkpoints unlearned elsewhere are audited beside (or instead of) methods, against the grid's
+`model` (their target, required with audits) and `retrain_model`:
+
+    audits: [{unlearned: /models/my-unlearned, name: mine}, {unlearned: owner/name@rev, allow_identical: true}]
+
+Each is a method entry named `external:<name>` (default name: the folder's name or the hub ID).
+An audit unlearns nothing, so it runs once per task and quantizer, at the grid's first seed.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qubench import registry
 from qubench.errors import ConfigError
-from qubench.specs import PluginRef, RunSpec
+from qubench.specs import EXTERNAL_PREFIX, AuditInput, PluginRef, RunSpec, external_name
 
 GRID_SCHEMA_VERSION = "1.0"
 
@@ -48,13 +56,32 @@ class Entry(BaseModel):
         return PluginRef(name=self.name, params=self.params)
 
 
+class AuditEntry(AuditInput):
+    """A checkpoint unlearned elsewhere, audited like a method's output (see `qubench audit`)."""
+
+    name: str | None = Field(None, min_length=1)  # its method is external:<name> (default: folder name / hub ID)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_ref(cls, value):
+        return {"unlearned": value} if isinstance(value, str) else value
+
+    @property
+    def id(self) -> str:
+        return EXTERNAL_PREFIX + (self.name or external_name(self.unlearned))
+
+    def input(self) -> AuditInput:
+        return AuditInput(**self.model_dump(exclude={"name"}))
+
+
 class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: str = GRID_SCHEMA_VERSION
     tasks: list[Entry] = Field(min_length=1)
-    methods: list[Entry] = Field(min_length=1)
+    methods: list[Entry] = Field(default_factory=list)   # at least one method or audit
     quantizers: list[Entry] = Field(min_length=1)
+    audits: list[AuditEntry] = Field(default_factory=list)
     seeds: list[int] = Field(default=[0], min_length=1)
     engine: Entry = Entry(name="hf")
     model: str | None = None           # an existing target for every task (default: each task's own)
@@ -73,6 +100,19 @@ class GridSpec(BaseModel):
             raise ValueError(f"duplicate entries {dupes}: give repeated plugins distinct `label`s")
         return entries
 
+    @model_validator(mode="after")
+    def _methods_or_audits(self) -> "GridSpec":
+        if not self.methods and not self.audits:
+            raise ValueError("give at least one method (methods:) or checkpoint to audit (audits:)")
+        if self.audits and self.model is None:
+            raise ValueError("audits need their target: set `model:` to the model the checkpoints were unlearned "
+                             "from (and `retrain_model:` to its retrain reference, if there is one)")
+        ids = [e.id for e in self.methods] + [a.id for a in self.audits]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate methods or audits {dupes}: give them distinct `label`s / `name`s")
+        return self
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
@@ -84,6 +124,11 @@ class GridSpec(BaseModel):
         return RunSpec(task=task.ref(), method=method.ref(), quant=quant.ref(), engine=self.engine.ref(),
                        model=self.model, retrain_model=self.retrain_model, seed=seed,
                        batch_size=self.batch_size, dtype=self.dtype, eval_limit=self.eval_limit)
+
+    def audit_spec(self, task: Entry, audit: AuditEntry, quant: Entry) -> RunSpec:
+        return RunSpec(task=task.ref(), method=PluginRef(name=audit.id), quant=quant.ref(), engine=self.engine.ref(),
+                       model=self.model, retrain_model=self.retrain_model, seed=self.seeds[0],
+                       batch_size=self.batch_size, dtype=self.dtype, eval_limit=self.eval_limit, audit=audit.input())
 
     def validate_plugins(self) -> None:
         """Instantiate every plugin once, so a typo fails the grid before any work starts."""

@@ -18,6 +18,8 @@ def _value(value) -> str:
 def reproduce_command(result: RunResult, source: Source | None = None) -> str:
     """The shell commands that recompute this result with the same spec (hence the same run_id)."""
     spec = result.spec
+    if spec.audit is not None:
+        return _with_provenance(result, source, _audit_args(spec))
     args = ["qubench", "run", "--task", spec.task.name, "--method", spec.method.name, "--quant", spec.quant.name,
             "--engine", spec.engine.name]
     for flag, params in (("--task-param", spec.task.params), ("--method-param", spec.method.params),
@@ -31,6 +33,31 @@ def reproduce_command(result: RunResult, source: Source | None = None) -> str:
     args += ["--seed", str(spec.seed), "--batch-size", str(spec.batch_size), "--dtype", spec.dtype]
     if spec.eval_limit is not None:
         args += ["--limit", str(spec.eval_limit)]
+    return _with_provenance(result, source, args)
+
+
+def _audit_args(spec) -> list[str]:
+    """`qubench audit` arguments that rebuild an audit's spec (and so its run_id)."""
+    from qubench.specs import EXTERNAL_PREFIX
+
+    args = ["qubench", "audit", "--task", spec.task.name, "--target", str(spec.model), "--unlearned",
+            spec.audit.unlearned, "--name", spec.method.name.removeprefix(EXTERNAL_PREFIX), "--quant", spec.quant.name,
+            "--engine", spec.engine.name]
+    if spec.retrain_model is not None:
+        args += ["--retrain", spec.retrain_model]
+    for flag, params in (("--task-param", spec.task.params), ("--quant-param", spec.quant.params),
+                         ("--engine-param", spec.engine.params)):
+        for key, value in params.items():
+            args += [flag, f"{key}={_value(value)}"]
+    args += [flag for flag, on in (("--allow-identical", spec.audit.allow_identical),
+                                   ("--allow-no-separation", spec.audit.allow_no_separation)) if on]
+    args += ["--batch-size", str(spec.batch_size), "--dtype", spec.dtype]
+    if spec.eval_limit is not None:
+        args += ["--limit", str(spec.eval_limit)]
+    return args
+
+
+def _with_provenance(result: RunResult, source: Source | None, args: list[str]) -> str:
     lines = []
     libs = result.environment.get("libraries") or {}
     git = result.environment.get("git") or {}

@@ -99,9 +99,16 @@ def overview(board: Board, frame: pd.DataFrame) -> None:
                 "before (*pre*) and after (*post*) quantization, and how much utility it keeps.")
     st.info("**How rows are ranked.** " + ranking.RULE)
     shown = _filter(frame)
-    st.subheader(f"Results ({len(shown)} of {len(frame)} rows)")
-    st.dataframe(shown, column_config=_column_config(), column_order=[c.id for c in table.COLUMNS],
+    methods, audits = shown[~shown["audited_flag"]], shown[shown["audited_flag"]]
+    st.subheader(f"Results ({len(methods)} of {len(frame) - int(frame['audited_flag'].sum())} rows)")
+    st.dataframe(methods, column_config=_column_config(), column_order=[c.id for c in table.COLUMNS],
                  hide_index=True, key="table")
+    if len(audits):
+        st.subheader(f"Audited checkpoints ({len(audits)} rows)")
+        st.caption("Models unlearned elsewhere and measured with `qubench audit` (method external:NAME): the "
+                   "same measurements, listed apart and not ranked, since no plugin method produced them.")
+        st.dataframe(audits, column_config=_column_config(), column_order=[c.id for c in table.COLUMNS],
+                     hide_index=True, key="audits")
     st.download_button("Download the table as CSV", data=table.to_csv(shown), file_name="qubench-leaderboard.csv",
                        mime="text/csv", key="csv")
 

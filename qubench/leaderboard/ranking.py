@@ -25,7 +25,9 @@ RULE = (
     f"tasks whose tiny models answer no question; test accuracy for classification) stays within {UTILITY_MARGIN:.0%} "
     "of the quantized target's are ranked; the others are listed without a rank, with the reason. The target and "
     "retrain rows are baselines and known-answer controls (e.g. +inbucket) are controls: both pinned at the top "
-    "of their setting and never ranked. Filters hide rows but do not change ranks."
+    "of their setting and never ranked. Checkpoints audited with `qubench audit` (method external:NAME: models "
+    "unlearned elsewhere) are listed apart and never ranked, unless they come from a submission. Filters hide "
+    "rows but do not change ranks."
 )
 
 
@@ -73,9 +75,12 @@ def rank(rows: list[Row]) -> list[Row]:
         controls = sorted((r for r in group if r.control and not r.baseline), key=lambda r: (r.method, r.source))
         for r in controls:
             r.rank, r.standing = None, "control (known answer, not ranked)"
+        audited = sorted((r for r in group if r.audited and not r.baseline), key=lambda r: (r.method, r.source))
+        for r in audited:
+            r.rank, r.standing = None, "audited checkpoint: listed apart, not ranked (submit it to rank it)"
         eligible, unranked = [], []
         for r in group:
-            if r.baseline or r.control:
+            if r.baseline or r.control or r.audited:
                 continue
             ok, why = forgetting_ok(r)
             if ok:
@@ -88,7 +93,7 @@ def rank(rows: list[Row]) -> list[Row]:
             r.rank = i
         for r in unranked:
             r.rank = None
-        ordered += baselines + controls + eligible + sorted(unranked, key=lambda r: (r.method, r.source))
+        ordered += baselines + controls + eligible + sorted(unranked, key=lambda r: (r.method, r.source)) + audited
     return ordered
 
 

@@ -66,6 +66,7 @@ class Row(Strict):
     runs: list[str]             # Run keys, one per seed
     baseline: bool
     control: bool = False       # a known-answer control (e.g. +inbucket): shown, labelled, never ranked
+    audited: bool = False       # a checkpoint audited with `qubench audit`, not submitted: listed apart, never ranked
     rank: int | None = None
     standing: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -115,6 +116,8 @@ def _plugin(source: Source, result: RunResult) -> str:
     base = result.spec.method.name.split("+")[0]
     if source.kind == "submission" and source.package:
         return f"{source.package} {source.version}"
+    if result.spec.audit is not None:
+        return "external checkpoint (audited)"
     recorded = (result.environment.get("plugins") or {}).get("method")
     if isinstance(recorded, str) and recorded:
         return recorded
@@ -153,8 +156,8 @@ def _row(source: Source, runs: list[Run]) -> Row:
     model = spec.model or f"task's own target ({target.get('fingerprint', '?')})"
     group_size = scheme.get("group_size", scheme.get("block_size"))
     setting = spec.model_dump(mode="json")
-    for key in ("seed", "method"):
-        setting.pop(key)
+    for key in ("seed", "method", "audit"):  # an audited checkpoint is compared with methods in its setting
+        setting.pop(key, None)
     return Row(
         key=f"{source.name}/{store.stable_hash([r.key for r in runs])}",
         source=source.name, badge=source.badge, verified=source.verified,
@@ -172,4 +175,6 @@ def _row(source: Source, runs: list[Run]) -> Row:
         utility=_stats(runs, view.utility if view else None), runs=[r.key for r in runs],
         baseline=spec.method.name in BASELINE_METHODS,
         control=bool((resolved.get("method") or {}).get("control")),
+        # An audit is shown apart from the plugin methods unless its authors submitted it.
+        audited=spec.audit is not None and source.kind != "submission",
     )

@@ -64,7 +64,7 @@ COLUMNS = [
     Column("date", "date", "date", "When the newest of the row's runs finished."),
 ]
 HIDDEN = ("key", "runs", "recovery_low", "recovery_high", "controlled_low", "controlled_high", "verified_flag",
-          "control")  # for plots, filters, details
+          "control", "audited_flag")  # for plots, filters, details
 
 
 def _mean(stats: MetricStats | None, field: str) -> float | None:
@@ -111,7 +111,7 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
             "recovery_high": _bound(r.forget, "recovery", "high"),
             "controlled_low": _bound(r.forget, "controlled_recovery", "low"),
             "controlled_high": _bound(r.forget, "controlled_recovery", "high"),
-            "verified_flag": r.verified, "control": r.control,
+            "verified_flag": r.verified, "control": r.control, "audited_flag": r.audited,
         })
     columns = [c.id for c in COLUMNS] + list(HIDDEN)
     frame = pd.DataFrame.from_records(records, columns=columns)

@@ -7,6 +7,7 @@ from qubench.stages.base import STAGE_KINDS, Stage
 from qubench.stages.data import Download, TaskData
 from qubench.stages.models import ExistingModels, PreparedModels, TrainedModels
 from qubench.stages.unlearned import Unlearned
+from qubench.stages.external import CHECK_STEP, ExternalUnlearned, Merged
 from qubench.stages.hinge import HingeLogits, HingeMargin
 from qubench.stages.quantized import Quantized
 from qubench.stages.evaluation import Evaluation
@@ -17,10 +18,11 @@ OTHER_KINDS = {"hashes": "remembered content digests of files (fingerprint memo)
 
 
 def step_is_group_shared(step: str) -> bool:
-    """Whether a failure in pipeline step `step` fails every cell of a grid group (see Stage.group_shared)."""
-    return any(cls.group_shared for cls in STAGE_KINDS.values() if cls.step == step)
+    """Whether a failure in pipeline step `step` fails every cell of a grid group (see Stage.group_shared).
+    An audit's input checks are about the checkpoint and the target, which every quantizer of the group shares."""
+    return step == CHECK_STEP or any(cls.group_shared for cls in STAGE_KINDS.values() if cls.step == step)
 
 
 __all__ = ["STAGE_KINDS", "OTHER_KINDS", "Stage", "Download", "TaskData", "Evaluation", "HingeLogits",
-           "HingeMargin", "ExistingModels", "PreparedModels", "TrainedModels", "Quantized", "Unlearned",
-           "step_is_group_shared"]
+           "HingeMargin", "ExistingModels", "ExternalUnlearned", "Merged", "PreparedModels", "TrainedModels",
+           "Quantized", "Unlearned", "step_is_group_shared"]

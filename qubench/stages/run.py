@@ -10,12 +10,14 @@ from pathlib import Path
 
 from qubench import registry
 from qubench.engines.base import Engine
+from qubench.errors import ConfigError
 from qubench.methods.base import UnlearnMethod
 from qubench.plugin import Plugin
 from qubench.quantizers.base import Quantizer
-from qubench.specs import RunSpec
+from qubench.specs import EXTERNAL_PREFIX, RunSpec
 from qubench.stages.data import TaskData
 from qubench.stages.evaluation import EvalSetup, Evaluation
+from qubench.stages.external import ExternalUnlearned
 from qubench.stages.models import ExistingModels, PreparedModels, TrainedModels, models_stage
 from qubench.stages.quantized import Quantized
 from qubench.stages.unlearned import Unlearned
@@ -29,14 +31,18 @@ class Plugins:
     """Every plugin of a run, instantiated (and so validated) before any work starts."""
 
     task: Task
-    method: UnlearnMethod
+    method: UnlearnMethod | None  # None for an audit: its unlearned model was made elsewhere
     quant: Quantizer
     engine: Engine
 
     @classmethod
     def from_spec(cls, spec: RunSpec, create: Callable[[str, str, dict], Plugin] = registry.create) -> "Plugins":
+        if spec.audit is None and spec.method.name.startswith(EXTERNAL_PREFIX):
+            raise ConfigError(f"method {spec.method.name!r} names an audited checkpoint, not a plugin: audit a "
+                              "model unlearned elsewhere with `qubench audit --unlearned PATH_OR_ID` (or a grid "
+                              "spec's `audits:`)")
         return cls(task=create("tasks", spec.task.name, spec.task.params),
-                   method=create("methods", spec.method.name, spec.method.params),
+                   method=None if spec.audit is not None else create("methods", spec.method.name, spec.method.params),
                    quant=create("quantizers", spec.quant.name, spec.quant.params),
                    engine=create("engines", spec.engine.name, spec.engine_params()))
 
@@ -57,7 +63,10 @@ class RunStages:
         return models_stage(self.plugins.task, data, self.spec.model, self.spec.retrain_model, self.spec.seed,
                             self.progress)
 
-    def unlearned(self, models: PreparedModels, data) -> Unlearned:
+    def unlearned(self, models: PreparedModels | None, data) -> Unlearned | ExternalUnlearned:
+        """Where the unlearned model comes from: the method's unlearning, or (audits) an external checkpoint."""
+        if self.spec.audit is not None:
+            return ExternalUnlearned(self.spec.audit, models, self.spec.model, self.log)
         return Unlearned(self.plugins.method, self.spec.seed, models, data, self.progress)
 
     def quantized(self, model_dir: Path, data) -> Quantized:

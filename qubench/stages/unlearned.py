@@ -33,8 +33,22 @@ class Unlearned(Stage):
             ident["retrain"] = model_fingerprint(self.models.retrain_dir)
         return ident
 
+    #: The timing a result records this stage's work under.
+    timing = "unlearn"
+
     def label(self) -> str:
         return self.method.name
+
+    def activity(self) -> str:
+        return f"unlearning with {self.method.name} ..."
+
+    def check_inputs(self, unlearned_dir: Path, data) -> None:
+        """qubench's own unlearned model needs no input checks (an audit's external model does:
+        `qubench.stages.external.ExternalUnlearned`)."""
+        return None
+
+    def check_separation(self, separation) -> None:
+        """A run reports its separation (the result records it) but does not stop on it."""
 
     def build(self, tmp: Path) -> None:
         from qubench.methods.base import UnlearnContext
