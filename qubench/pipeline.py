@@ -18,6 +18,7 @@ from qubench.errors import QubenchError
 from qubench.evaluation.stage import EvalStage
 from qubench.fingerprint import model_fingerprint
 from qubench.methods.base import UnlearnContext
+from qubench.methods.runtime import Parallelism, default_device_type, resolve_precision
 from qubench.models.prepare import PreparedModels, prepare_models, prepare_task
 from qubench.scoring import diagnostics_for, score
 from qubench.specs import RunSpec
@@ -63,8 +64,9 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
-        progress: bool = True) -> results.RunResult:
-    """Run one spec; reuse its stored result unless `force` or it had failed."""
+        progress: bool = True, parallelism: Parallelism | None = None) -> results.RunResult:
+    """Run one spec; reuse its stored result unless `force` or it had failed. `parallelism`: how the unlearn
+    stage is spread over processes (not part of the run's identity; the result records what ran)."""
     out = result_path(results_dir, spec)
     if out.exists() and not force:
         stored = results.load(out)
@@ -82,7 +84,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         models: PreparedModels = timer("prepare_models", prepare_models, plugins.task, data, spec.model,
                                        spec.retrain_model, progress, seed=spec.seed)
         stage = "unlearn"
-        unlearned_dir = timer("unlearn", _unlearn, plugins.method, spec, models, data, log, progress)
+        unlearned_dir = timer("unlearn", _unlearn, plugins.method, spec, models, data, log, progress, parallelism)
         stage = "quantize"
         q_target = timer("quantize", _quantize, plugins.quant, models.target_dir, data, log)
         q_unlearned = timer("quantize", _quantize, plugins.quant, unlearned_dir, data, log)
@@ -96,6 +98,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         result.unlearning = _read_unlearn_log(unlearned_dir)
         result.resolved = _resolved(plugins, models, unlearned_dir, q_target, q_unlearned, measured)
         result.resolved["seed"] = _seed_use(spec, models)
+        result.resolved["training"] = result.unlearning.get("extra", {}).get("training")  # how it trained
         result.status = "ok"
     except Exception as exc:
         result.error = results.ErrorInfo(stage=stage, type=type(exc).__name__, message=str(exc),
@@ -144,20 +147,27 @@ class RunFailed(QubenchError):
         self.path = path
 
 
-def unlearned_path(method, seed: int, target_dir: Path) -> Path:
+def unlearned_path(method, seed: int, target_dir: Path, parallelism: Parallelism | None = None) -> Path:
     """Where the model unlearned from `target_dir` by `method` with `seed` is cached."""
+    params = method.params()
+    if "precision" in params:  # the key holds what runs: precision auto is bf16 on CUDA, fp32 on CPU
+        device = default_device_type((parallelism or Parallelism()).device)
+        params = {**params, "precision": resolve_precision(params["precision"], device)}
     key = store.stable_hash({"target": model_fingerprint(target_dir), "method": method.name,
-                             "params": method.params(), "seed": seed})
+                             "params": params, "seed": seed})
     return store.home() / "unlearned" / f"{method.name}-{key}"
 
 
-def _unlearn(method, spec: RunSpec, models: PreparedModels, data, log: Log, progress: bool) -> Path:
-    path = unlearned_path(method, spec.seed, models.target_dir)
+def _unlearn(method, spec: RunSpec, models: PreparedModels, data, log: Log, progress: bool,
+             parallelism: Parallelism | None = None) -> Path:
+    from qubench.methods import launch
+
+    path = unlearned_path(method, spec.seed, models.target_dir, parallelism)
     if not path.exists():
         log(f"unlearning with {method.name} ...")
-    ctx = lambda tmp: method.unlearn(UnlearnContext(models.target_dir, models.retrain_dir, data, tmp, spec.seed,
-                                                    progress))
-    return store.cached_dir(path, lambda tmp: _save_unlearn_log(ctx(tmp), tmp))
+    ctx = lambda tmp: UnlearnContext(models.target_dir, models.retrain_dir, data, tmp, spec.seed, progress)
+    return store.cached_dir(path, lambda tmp: _save_unlearn_log(launch.unlearn(method, ctx(tmp), parallelism, log),
+                                                                tmp))
 
 
 def _save_unlearn_log(outcome, tmp: Path) -> None:

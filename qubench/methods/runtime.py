@@ -91,8 +91,10 @@ class Runtime:
         from accelerate import Accelerator
 
         plan = parallelism or Parallelism()
-        self.precision = resolve_precision(precision, default_device_type(plan.device))
-        self.accelerator = Accelerator(cpu=plan.device == "cpu",
+        device_type = default_device_type(plan.device)
+        self.precision = resolve_precision(precision, device_type)
+        # cpu=True also when no GPU is visible: Accelerate forms a multi-process CPU (gloo) world only then.
+        self.accelerator = Accelerator(cpu=device_type == "cpu",
                                        mixed_precision="bf16" if self.precision == "bf16" else "no")
         self._take_fsdp_path_on_cpu()
         state = self.accelerator.state
@@ -105,15 +107,19 @@ class Runtime:
         self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def _take_fsdp_path_on_cpu(self) -> None:
+        from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         state = self.accelerator.state
+        self._cpu_world_type = None
         if _env_flag("ACCELERATE_USE_FSDP") and state.distributed_type == DistributedType.MULTI_CPU:
             plugin = FullyShardedDataParallelPlugin()  # reads the same environment Accelerate would
             if self.accelerator.mixed_precision != "no":
                 plugin.set_mixed_precision(self.accelerator.mixed_precision)
-            state.distributed_type = DistributedType.FSDP
             state.fsdp_plugin = plugin
+            # Both singletons: Accelerate re-reads the process-wide one whenever it builds an AcceleratorState.
+            self._cpu_world_type = PartialState._shared_state["distributed_type"]
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     # --- what runs ----------------------------------------------------------------------------------
 
@@ -137,7 +143,9 @@ class Runtime:
     def cpu_offload(self) -> bool:
         state = self.accelerator.state
         if self.is_fsdp:
-            return bool(state.fsdp_plugin.cpu_offload)
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            return isinstance(state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
         if self.is_deepspeed:
             zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
             return zero.get("offload_param", {}).get("device", "none") == "cpu"
@@ -150,11 +158,17 @@ class Runtime:
             return "deepspeed"
         return "ddp" if self.ranks > 1 else "single"
 
-    def record(self, gradient_checkpointing: bool) -> dict[str, Any]:
-        """How this run trained, for the unlearning log and the result (not part of its identity)."""
+    def record(self, model: torch.nn.Module, gradient_checkpointing: bool) -> dict[str, Any]:
+        """How this run trained, for the unlearning log and the result (not part of its identity).
+        `parameters_held`: the elements of the prepared model this (the main) process stores, all of them
+        with a replica per process, about 1/N of them when sharded."""
+        params = list(model.parameters())
         return {"processes": self.ranks, "strategy": self.strategy(), "device": self.device.type,
                 "precision": self.precision, "cpu_offload": self.cpu_offload,
-                "gradient_checkpointing": gradient_checkpointing}
+                "gradient_checkpointing": gradient_checkpointing,
+                "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                "parameters_held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else local(p).numel()
+                                       for p in params)}
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -277,11 +291,13 @@ class Runtime:
     def close(self) -> None:
         """Forget this run's Accelerator settings, so a later run in the same process may choose others
         (the process group, if any, stays: it belongs to the launcher)."""
-        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.state import AcceleratorState, GradientState, PartialState
 
         self.accelerator.free_memory()
         AcceleratorState._reset_state()
         GradientState._reset_state()
+        if self._cpu_world_type is not None:
+            PartialState._shared_state["distributed_type"] = self._cpu_world_type
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

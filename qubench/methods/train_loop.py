@@ -186,6 +186,16 @@ def _with_hook_terms(terms: dict, hooks: Sequence[TrainHook], model, forget: Tok
     return terms
 
 
+def check_batch_split(batch_size: int, ranks: int) -> None:
+    """Every rank takes batch_size / ranks windows of each full micro-batch."""
+    if batch_size % ranks:
+        raise ConfigError(
+            f"batch_size={batch_size} windows cannot be split evenly across {ranks} processes: choose a "
+            f"batch_size divisible by {ranks} (it is the global micro-batch, so the result does not depend on "
+            "the process count) or another number of processes"
+        )
+
+
 def saved_dtype(model_dir) -> torch.dtype:
     """The dtype the model folder was saved in (config `dtype`, formerly `torch_dtype`)."""
     config = AutoConfig.from_pretrained(model_dir)
@@ -264,15 +274,18 @@ def train(
 def _train(runtime: Runtime, ctx: UnlearnContext, config: TrainConfig, objective: Objective,
            needs_reference: bool, needs_retain: bool, label: str, hooks: Sequence[TrainHook]) -> UnlearnOutcome:
     started = time.perf_counter()
-    torch.manual_seed(ctx.seed + runtime.rank)  # dropout, if the architecture has any (rank 0: the seed itself)
+    # The same seed on every rank while the model is built (LoRA initialises its adapters at random:
+    # FSDP keeps each rank's own shard of them, so every rank must draw the same values).
+    torch.manual_seed(ctx.seed)
     data_order = torch.Generator().manual_seed(ctx.seed)  # the same micro-batches on every rank
-    if config.batch_size % runtime.ranks:
-        raise ConfigError(
-            f"batch_size={config.batch_size} windows cannot be split evenly across {runtime.ranks} processes: "
-            f"choose a batch_size divisible by {runtime.ranks} (it is the global micro-batch, so the result "
-            "does not depend on the process count) or another number of processes"
-        )
+    check_batch_split(config.batch_size, runtime.ranks)
 
+    if runtime.is_deepspeed and runtime.precision == "bf16" and saved_dtype(ctx.target_dir) == torch.float32:
+        raise ConfigError(
+            "DeepSpeed with bf16 keeps (and saves) bf16 copies of every weight, frozen ones included, so the "
+            "unlearned model would differ from this float32 target everywhere: use --strategy fsdp (float32 "
+            "master weights), or precision=fp32"
+        )
     tokenizer = AutoTokenizer.from_pretrained(ctx.target_dir)
     model = _load_model(ctx.target_dir, trainable=True)
     reference = _load_model(ctx.target_dir, trainable=False) if needs_reference else None
@@ -314,6 +327,9 @@ def _train(runtime: Runtime, ctx: UnlearnContext, config: TrainConfig, objective
     for hook in hooks:
         hook.optimizer_ready(getattr(optimizer, "optimizer", optimizer), session)  # the torch optimizer itself
     clip_at = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    record = runtime.record(model, config.gradient_checkpointing)
+    if runtime.rank > 0:  # dropout masks, if any: each rank its own stream (rank 0 continues the seed's)
+        torch.manual_seed(ctx.seed + runtime.rank)
 
     log: list[dict[str, float]] = []
     sums: dict[str, float] = {}
@@ -389,7 +405,7 @@ def _train(runtime: Runtime, ctx: UnlearnContext, config: TrainConfig, objective
             "forget_windows": len(forget),
             "retain_windows": len(retain) if retain is not None else 0,
             "seconds": time.perf_counter() - started,
-            "training": runtime.record(config.gradient_checkpointing),
+            "training": record,
             **{hook.name: hook.summary() for hook in hooks},
         },
     )
