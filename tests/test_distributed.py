@@ -21,6 +21,7 @@ imports each on a busy 2-core machine) before a few seconds of training.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -184,7 +185,23 @@ def test_precision_auto_resolves_per_device_and_keys_the_unlearned_model(tiny_mo
         method(), 0, tiny_model_dir, cpu)
 
 
-def test_bad_parallel_settings_are_refused_before_any_work():
+def test_gradient_checkpointing_changes_nothing_and_bf16_trains_with_float32_master_weights(tiny_model_dir, tmp_path,
+                                                                                          home):
+    runs = {"fp32": {}, "checkpointing": {"gradient_checkpointing": True}, "bf16": {"precision": "bf16"}}
+    for name, extra in runs.items():
+        method = registry.create("methods", "ga_gdr", {**PARAMS, **extra})
+        record = method.unlearn(UnlearnContext(tiny_model_dir, None, data(tmp_path), tmp_path / name, seed=0,
+                                               progress=False)).extra["training"]
+        assert record["precision"] == ("bf16" if name == "bf16" else "fp32")
+        assert record["gradient_checkpointing"] is (name == "checkpointing")
+    # Recomputing activations in backward gives the same arithmetic on CPU.
+    assert relative_difference(tmp_path / "checkpointing", tmp_path / "fp32", tiny_model_dir) == 0.0
+    # bf16 compute: another result (hence part of the key), same direction, saved in the target's float32.
+    assert 1e-4 < relative_difference(tmp_path / "bf16", tmp_path / "fp32", tiny_model_dir) < 0.2
+    assert {t.dtype for t in weights(tmp_path / "bf16").values()} == {torch.float32}
+
+
+def test_bad_parallel_settings_are_refused_before_any_work(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
     from qubench.cli import main
@@ -195,6 +212,10 @@ def test_bad_parallel_settings_are_refused_before_any_work():
     assert res.exit_code == 2 and "--strategy fsdp or --strategy deepspeed" in res.output
     res = CliRunner().invoke(main, ["run", "--num-processes", "0"])
     assert res.exit_code == 2 and "--num-processes" in res.output
+    # FSDP's CPU offload pins memory for transfers to a GPU; without one it has nothing to offload from.
+    with pytest.raises(ConfigError, match="no GPU is in use here"):
+        launch.unlearn(*job("ga_gdr", tiny_model_dir, tmp_path / "out"),
+                       Parallelism(processes=2, strategy="fsdp", cpu_offload=True, device="cpu"))
 
 
 # --- the shipped accelerate configs ------------------------------------------------------------------
@@ -249,7 +270,7 @@ def test_deepspeed_offload_writes_its_json(tmp_path):
     assert written["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
-@pytest.mark.skipif(launch.importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
 def test_deepspeed_strategy_without_deepspeed_says_how_to_get_it(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="pip install deepspeed"):
         launch.unlearn(*job("ga_gdr", tiny_model_dir, tmp_path / "out"), Parallelism(processes=2, strategy="deepspeed"))
@@ -285,7 +306,8 @@ def test_two_processes_give_the_one_process_weights(strategy, one_process, tiny_
     for name in ("sure", "sure-rows"):
         assert outcomes[name].extra["sure"] == single[name].extra["sure"]
     before, after = weights(tiny_model_dir), weights(tmp_path / "sure-rows")
-    frozen = [k for k in before if k.removesuffix(".weight") not in outcomes["sure-rows"].extra["sure"]["modules_touched"]]
+    touched = outcomes["sure-rows"].extra["sure"]["modules_touched"]
+    frozen = [k for k in before if k.removesuffix(".weight") not in touched]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
 
 
@@ -326,26 +348,25 @@ def test_a_failing_rank_comes_back_as_one_clear_error(tiny_model_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_torchrun_of_qubench_run_trains_on_every_rank(tiny_model_dir, tmp_path):
-    """What `accelerate launch --config_file configs/accelerate/8gpu-fsdp.yaml -m qubench run` does, on 2 CPU
-    processes: the ranks get accelerate's FSDP environment for that file; rank 0 runs the pipeline, the
-    other joins for the unlearning; the result records how it trained."""
-    fsdp = {k: v for k, v in _accelerate_launch_env(CONFIGS / "8gpu-fsdp.yaml").items()
-            if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+def test_accelerate_launch_of_qubench_run_trains_on_every_rank(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/8gpu-fsdp.yaml -m qubench run`, on 2 CPU processes
+    (accelerate starts them through torch.distributed.run with its FSDP environment): rank 0 runs the
+    pipeline, the other rank joins it for the unlearning; the result records how it trained."""
     home = tmp_path / "home"
-    env = {**os.environ, **CHILD_ENV, **fsdp, "QUBENCH_HOME": str(home),
+    env = {**os.environ, **CHILD_ENV, "QUBENCH_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     params = {"epochs": 1, "lr": 1e-3, "batch_size": 4, "grad_accum": 1}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qubench",
-               "run", "--task-param", "size=micro", "--method", "ga_gdr", "--quant", "none", "--limit", "1",
-               "--results", str(tmp_path / "results"), "--json",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "8gpu-fsdp.yaml"),
+               "--num_processes", "2", "-m", "qubench", "run", "--task-param", "size=micro", "--method", "ga_gdr",
+               "--quant", "none", "--limit", "1", "--results", str(tmp_path / "results"), "--json",
                *sum((["--method-param", f"{k}={v}"] for k, v in params.items()), [])]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["status"] == "ok"
-    assert {k: result["resolved"]["training"][k] for k in ("processes", "strategy")} == {"processes": 2,
-                                                                                       "strategy": "fsdp"}
+    training = result["resolved"]["training"]
+    assert (training["processes"], training["strategy"], training["device"]) == (2, "fsdp", "cpu")
+    assert training["parameters_held"] < 0.6 * training["parameters"]
     # The same unlearning in this one process, from the models and data the run prepared.
     from qubench.tasks import muse_layout
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from qubench.errors import ConfigError, QubenchError
 from qubench.methods.base import UnlearnContext, UnlearnMethod, UnlearnOutcome
-from qubench.methods.runtime import Parallelism
+from qubench.methods.runtime import Parallelism, default_device_type
 
 LOG_FILE = "launch.log"
 #: Rank 0 may prepare data and train target models for a long time before it sends the job.
@@ -137,6 +137,12 @@ def run_jobs(jobs: list[tuple[UnlearnMethod, UnlearnContext]], plan: Parallelism
     if plan.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("--strategy deepspeed needs DeepSpeed, which is not installed: pip install deepspeed "
                           "(on a CUDA machine), or use --strategy fsdp")
+    if plan.cpu_offload and default_device_type(plan.device) == "cpu":
+        raise ConfigError("--cpu-offload moves training state from the GPUs into CPU memory, but no GPU is in use "
+                          "here (training already runs on the CPU): drop --cpu-offload")
+    if default_device_type(plan.device) == "cuda" and plan.processes > torch_cuda_devices():
+        raise ConfigError(f"--num-processes {plan.processes} needs as many GPUs, but {torch_cuda_devices()} are "
+                          "visible (one process per GPU)")
     for method, _ in jobs:  # the ranks check it too; here it fails before any process starts
         check_batch_split(method.config.batch_size, plan.processes)
     job_dir = write_jobs(jobs, plan)
@@ -154,6 +160,12 @@ def run_jobs(jobs: list[tuple[UnlearnMethod, UnlearnContext]], plan: Parallelism
     done = [UnlearnOutcome(**json.loads(path.read_text())) for path in outcomes]
     shutil.rmtree(job_dir, ignore_errors=True)
     return done
+
+
+def torch_cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def write_jobs(jobs: list[tuple[UnlearnMethod, UnlearnContext]], plan: Parallelism) -> Path:

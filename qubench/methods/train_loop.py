@@ -15,9 +15,9 @@ rows of each, and every mean in a loss is taken over the whole micro-batch
 gradient, of the one-process run: the result does not depend on the process
 count beyond float rounding. Objectives should build their means with
 `qubench.methods.losses.divisor` (as the built-in losses do); a plain
-per-batch mean still works, but under data parallelism it is averaged per
-rank, which weighs tokens slightly differently when ranks hold different
-token counts.
+per-batch mean still trains, but under data parallelism it becomes an
+average of per-rank means, which weighs tokens differently when ranks hold
+different token counts.
 
 Modifiers that change *how* a loss is optimised rather than *what* it is
 (the quantization-robust methods: a logit hinge, a saliency mask, LoRA
