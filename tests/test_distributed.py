@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -345,6 +346,7 @@ def test_a_failing_rank_comes_back_as_one_clear_error(tiny_model_dir, tmp_path, 
     error = launch.launch_failure(job_dir, plan, status=1)
     assert type(error) is launch.LaunchError
     assert str(error).startswith("training failed on rank 0 of 2: RuntimeError: Connection closed by peer")
+    shutil.rmtree(job_dir)  # a real failure keeps it for the user to read
 
 
 @pytest.mark.slow
