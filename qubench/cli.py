@@ -50,11 +50,31 @@ def main() -> None:
 @shared("batch_size", "dtype", "limit")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
+@click.option("--num-processes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Unlearning processes on this machine (one per GPU). Not part of the run's identity: the global "
+                   "batch is the same (batch_size must divide by it). Or start qubench with `accelerate launch`.")
+@click.option("--strategy", default="ddp", show_default=True, type=click.Choice(["ddp", "fsdp", "deepspeed"]),
+              help="ddp: a model replica per process; fsdp: FSDP2 full shard; deepspeed: ZeRO-3.")
+@click.option("--cpu-offload", is_flag=True, help="With fsdp/deepspeed: keep weights, gradients and optimizer "
+                                                  "state in CPU memory.")
 @shared("as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
-        retrain_model, seed, batch_size, dtype, limit, results_dir, force, as_json) -> None:
+        retrain_model, seed, batch_size, dtype, limit, results_dir, force, num_processes, strategy, cpu_offload,
+        as_json) -> None:
     """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
+    from pydantic import ValidationError
+
     from qubench import pipeline
+    from qubench.methods import launch
+    from qubench.methods.runtime import Parallelism
+
+    try:
+        parallelism = Parallelism(processes=num_processes, strategy=strategy, cpu_offload=cpu_offload)
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"].removeprefix("Value error, "), param_hint="--cpu-offload")
+    world = launch.join_launched_world()  # started by `accelerate launch` / torchrun: rank 0 runs the pipeline
+    if world is not None and world[0] != 0:
+        sys.exit(launch.serve_peers())
 
     _use_vllm_python(engine, vllm_python)
     spec = RunSpec(
@@ -66,9 +86,11 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     )
     log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
     try:
-        result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json)
+        result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, parallelism=parallelism)
     except QubenchError as exc:
         _fail(exc)
+    finally:
+        launch.release_peers()
     if as_json:
         out.print_json(result.model_dump_json())
     else:

@@ -22,6 +22,7 @@ from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
 from qubench.scoring import diagnostics_for, score, separation
+from qubench.methods.runtime import Parallelism
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData
 from qubench.stages.external import CHECK_STEP, changed_since
@@ -61,9 +62,10 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
-        progress: bool = True) -> results.RunResult:
+        progress: bool = True, parallelism: Parallelism | None = None) -> results.RunResult:
     """Run one spec (an audit when `spec.audit` is set); reuse its stored result unless `force`, it had
-    failed, or the audited checkpoint changed since."""
+    failed, or the audited checkpoint changed since. `parallelism`: how the unlearn stage is spread over
+    processes (not part of the run's identity; the result records what ran)."""
     out = result_path(results_dir, spec)
     if not force and (stored := results.stored_ok(out)) is not None:
         changed = changed_since(spec.audit, stored) if spec.audit is not None else None
@@ -72,7 +74,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
             return stored
         log(f"recomputing {out}: {changed}")
     plugins = Plugins.from_spec(spec)  # bad names/params fail here, before any work
-    stages = RunStages(spec, plugins, log, progress)
+    stages = RunStages(spec, plugins, log, progress, parallelism)
     stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
     timer = Timer()
     step = TaskData.step
@@ -119,6 +121,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         result.resolved = _resolved(spec, plugins, models, unlearned_dir, q_target, q_unlearned, measured, audit)
         result.resolved["separation"] = separated.as_dict()
         result.resolved["seed"] = _seed_use(spec, models)
+        result.resolved["training"] = result.unlearning.get("extra", {}).get("training")  # how it trained
         result.status = "ok"
     except Exception as exc:
         result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),

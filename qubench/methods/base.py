@@ -11,10 +11,13 @@ from __future__ import annotations
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qubench.plugin import Plugin
 from qubench.tasks.muse_layout import TaskData
+
+if TYPE_CHECKING:
+    from qubench.methods.runtime import Parallelism
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class UnlearnContext:
     out_dir: Path             # where the unlearned model must be saved
     seed: int = 0
     progress: bool = True     # show a progress bar while training (off in tests and batch jobs)
+    # How training is spread over processes and devices (None: one process, CUDA when visible). Not part
+    # of the result's identity; `qubench.methods.launch.unlearn` starts the processes it asks for.
+    parallelism: Parallelism | None = None
 
 
 @dataclass

@@ -15,6 +15,10 @@ Batches are right-padded: with a causal model and default position ids,
 real tokens then see exactly what they would see unpadded (left padding
 would shift their positions), so a padded sequence scores like the unpadded one.
 
+Data parallelism: every process builds the same micro-batches (same seed, same
+order) and trains on its own rows of each (`rank_share`), so what an optimizer
+step sees does not depend on the number of processes.
+
 Pairing: like MUSE's ForgetRetainDataset, every forget batch travels with a
 retain batch of the same size, cycling through the retain set. Unlike MUSE
 (forget chunk i always meets retain chunk i mod R) the retain set is consumed
@@ -35,12 +39,32 @@ DEFAULT_MAX_LEN_CAP = 256
 
 
 @dataclass(frozen=True)
+class ShareOf:
+    """Marks one rank's rows of a micro-batch split across data-parallel ranks: the whole micro-batch's
+    counts of each unit a loss term averages over, divided by the number of ranks.
+
+    A term that is a mean over units (sequences, label tokens, real positions) divides this rank's sum
+    by the matching count here (`qubench.methods.losses.divisor`). The ranks' average of those values,
+    which is how DDP and FSDP reduce gradients, is then exactly the whole micro-batch's mean, however
+    unevenly the tokens fall on the ranks; a per-rank mean averaged over ranks would not be.
+    """
+
+    sequences: float
+    label_tokens: float  # next-token predictions with a real token on both sides
+    positions: float     # real (non-padding) positions
+
+
+@dataclass(frozen=True)
 class TokenBatch:
     input_ids: torch.Tensor       # [batch, time], right-padded
     attention_mask: torch.Tensor  # [batch, time], 1 on real tokens, 0 on padding
+    share_of: ShareOf | None = None  # set on one rank's rows of a micro-batch split across ranks
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.share_of)
 
 
 def default_max_len(model_config) -> int:
@@ -86,6 +110,29 @@ def collate(windows: Sequence[list[int]], pad_id: int) -> TokenBatch:
         input_ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
         attention_mask[row, : len(window)] = 1
     return TokenBatch(input_ids, attention_mask)
+
+
+def rank_share(batch: TokenBatch, rank: int, ranks: int) -> tuple[TokenBatch, float]:
+    """Rank `rank`'s contiguous rows of a micro-batch split across `ranks` processes, and its weight.
+
+    Rows are dealt as evenly as possible (a full micro-batch divides exactly; the training loop checks
+    that). A rank left without rows (a short last micro-batch with fewer rows than ranks) gets the
+    first row with weight 0: it still runs forward and backward, so the collectives of DDP and FSDP
+    stay in step, but contributes nothing. One rank: the batch itself, weight 1.
+    """
+    if ranks == 1:
+        return batch, 1.0
+    mask = batch.attention_mask
+    whole = ShareOf(
+        sequences=len(batch) / ranks,
+        label_tokens=float((mask[:, :-1] * mask[:, 1:]).sum()) / ranks,
+        positions=float(mask.sum()) / ranks,
+    )
+    rows = torch.tensor_split(torch.arange(len(batch)), ranks)[rank]
+    weight = 1.0
+    if len(rows) == 0:
+        rows, weight = torch.arange(1), 0.0
+    return TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], whole), weight
 
 
 def batches_per_epoch(n_windows: int, batch_size: int) -> int:

@@ -5,8 +5,10 @@ least half a quantization step away from the target's, so rounding cannot map th
               max(0, delta_q / 2 - |z'_{t,k} - z_{t,k}|)
 
 z are the target's logits on the forget windows, computed once before
-training and cached on disk (the `HingeLogits` stage: QUBENCH_HOME/hinge_logits,
-keyed by the target's fingerprint, a hash of the forget windows' token ids and K): they are plain
+training (in float32, from the untrained master weights, by the main process
+while the other ranks wait) and cached on disk (the `HingeLogits` stage:
+QUBENCH_HOME/hinge_logits, keyed by the target's fingerprint, a hash of the forget
+windows' token ids and K): they are plain
 tensors without a graph, so the gradient reaches only the unlearned model z'.
 Every real (non-padding) position counts, the last one of a window too, as in
 the KL retain term: its logits are the model's behaviour on forget text.
@@ -78,12 +80,16 @@ def hinge_loss(
     target_ids: torch.Tensor | None,  # [batch, time, K] vocabulary ids of the K logits; None = all (K = vocab)
     mask: torch.Tensor,               # [batch, time] 1 on positions that count
     delta_q: float,
+    count: float | None = None,       # what the sums are divided by; None = the masked (position, logit) pairs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean hinge, share of margins met) over the masked positions and their K logits."""
+    """(mean hinge, share of margins met) over the masked positions and their K logits.
+
+    On one rank's share of a micro-batch, `count` is the whole micro-batch's share per rank of the
+    (position, logit) pairs (see `qubench.methods.data.ShareOf`), so the ranks' average is the mean."""
     considered = model_logits if target_ids is None else model_logits.gather(-1, target_ids)
     gap = (considered - target_logits).abs()
     weight = mask.float().unsqueeze(-1).expand_as(gap)
-    count = weight.sum()
+    count = weight.sum() if count is None else count
     loss = (torch.relu(delta_q / 2 - gap) * weight).sum() / count
     met = ((gap >= delta_q / 2).float() * weight).sum() / count
     return loss, met.detach()
@@ -101,11 +107,12 @@ def _target_logits(model, windows: list[list[int]], pad_id: int, top_k: int | No
     """Per window: the K logits (and ids) at each of its positions, concatenated along time."""
     was_training = model.training
     model.eval()  # no dropout: the cache must be the target's deterministic output
+    device = next(model.parameters()).device
     values, ids = [], []
     try:
         for start in range(0, len(windows), BATCH):
             chunk = windows[start : start + BATCH]
-            logits = logits_of(model, collate(chunk, pad_id))
+            logits = logits_of(model, collate(chunk, pad_id).to(device)).cpu()
             for row, window in enumerate(chunk):
                 v, i = _select(logits[row, : len(window)], top_k)
                 values.append(v.contiguous())
@@ -217,6 +224,10 @@ class LogitHinge(TrainHook):
         self.met_sum, self.calls = 0.0, 0
 
     def before_training(self, session: TrainSession) -> None:
+        with session.runtime.main_process_first():  # the main process builds the caches, the others read them
+            self._load_caches(session)
+
+    def _load_caches(self, session: TrainSession) -> None:
         from qubench.stages.hinge import HingeLogits, HingeMargin
 
         target = Path(session.ctx.target_dir)
@@ -227,17 +238,22 @@ class LogitHinge(TrainHook):
             self.delta_q = HingeMargin(quantizer, target, session.forget, self.top_k, session.pad_id).delta_q()
         else:
             self.delta_q = float(self.delta_setting)
-        # The model has not been trained yet: its logits are the target's.
-        stage = HingeLogits(target, session.forget, self.top_k, session.reference or session.model, session.pad_id)
+        # The model has not been trained yet: its (float32 master) logits are the target's.
+        stage = HingeLogits(target, session.forget, self.top_k, session.model, session.pad_id)
         self.cache_reused = stage.exists()
         self.cache = LogitCache(stage.get(), session.forget)
 
     def extra_terms(self, model, forget: TokenBatch) -> dict[str, torch.Tensor]:
         target, ids = self.cache.batch(forget)
-        loss, met = hinge_loss(logits_of(model, forget), target, ids, forget.attention_mask, self.delta_q)
-        self.last = {"hinge": float(loss.detach()), "hinge_margin_met": float(met)}
-        self.met_sum, self.calls = self.met_sum + float(met), self.calls + 1
+        device = forget.input_ids.device
+        target, ids = target.to(device), (ids.to(device) if ids is not None else None)
+        count = forget.share_of.positions * target.shape[-1] if forget.share_of is not None else None
+        loss, met = hinge_loss(logits_of(model, forget), target, ids, forget.attention_mask, self.delta_q, count)
         return {"loss": self.gamma * loss, "hinge": loss, "hinge_margin_met": met}
+
+    def micro_batch_done(self, values: dict[str, float]) -> None:
+        self.last = {"hinge": values["hinge"], "hinge_margin_met": values["hinge_margin_met"]}
+        self.met_sum, self.calls = self.met_sum + values["hinge_margin_met"], self.calls + 1
 
     def after_training(self, session: TrainSession) -> None:
         self.cache = None  # closes the lazily read cache file

@@ -79,14 +79,17 @@ class LoraAdapters(TrainHook):
                          "targets": list(c.lora_target_modules)}
         self.stats: dict[str, Any] = {}
 
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return add_adapters(model, **self.settings)
+
     def before_training(self, session: TrainSession) -> None:
-        session.model = add_adapters(session.model, **self.settings)
         trainable = sum(p.numel() for p in session.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in session.model.parameters())
         self.stats = {"trainable_parameters": trainable, "total_parameters_with_adapters": total}
 
     def after_training(self, session: TrainSession) -> None:
-        # Adds B @ A * alpha / r into each target weight and returns the plain base model.
+        # Adds B @ A * alpha / r into each target weight and returns the plain base model. The loop hands
+        # over the whole model (gathered from the shards under FSDP), so merging needs nothing distributed.
         session.model = session.model.merge_and_unload()
 
     def summary(self) -> dict[str, Any]:

@@ -6,6 +6,12 @@ and a right-padded `TokenBatch`. Position t predicts token t+1; a prediction
 counts only when both token t and token t+1 are real, so padding never
 contributes.
 
+Every mean divides by `divisor(batch, unit, local count)`: the local count
+for a whole batch, and for one rank's share of a micro-batch split across
+data-parallel ranks the whole micro-batch's count over the number of ranks
+(see `qubench.methods.data.ShareOf`), so that the gradient DDP/FSDP average
+over ranks is exactly the gradient of the whole micro-batch's mean.
+
 Deviations from MUSE's code, on purpose:
 - NPO uses sequence log-likelihoods as in Zhang et al. (2024); MUSE's
   implementation subtracts raw logits instead.
@@ -15,10 +21,19 @@ Deviations from MUSE's code, on purpose:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from qubench.methods.data import TokenBatch
+
+Unit = Literal["sequences", "label_tokens", "positions"]
+
+
+def divisor(batch: TokenBatch, unit: Unit, local_count: torch.Tensor) -> torch.Tensor | float:
+    """What a sum over `unit`s of `batch` is divided by to give its share of the micro-batch mean."""
+    return local_count if batch.share_of is None else getattr(batch.share_of, unit)
 
 
 def logits_of(model, batch: TokenBatch) -> torch.Tensor:
@@ -41,7 +56,7 @@ def token_logprobs(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 def mean_nll(model, batch: TokenBatch) -> torch.Tensor:
     """Next-token cross-entropy averaged over every real label token in the batch (HF's `labels=` loss)."""
     mask = label_mask(batch)
-    return -(token_logprobs(logits_of(model, batch), batch) * mask).sum() / mask.sum()
+    return -(token_logprobs(logits_of(model, batch), batch) * mask).sum() / divisor(batch, "label_tokens", mask.sum())
 
 
 def sequence_logprob(model, batch: TokenBatch) -> torch.Tensor:
@@ -72,7 +87,7 @@ def kl_to_reference(model, reference, retain: TokenBatch) -> torch.Tensor:
         log_p = F.log_softmax(logits_of(reference, retain), dim=-1)
     per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     mask = retain.attention_mask.float()
-    return (per_position * mask).sum() / mask.sum()
+    return (per_position * mask).sum() / divisor(retain, "positions", mask.sum())
 
 
 def npo_loss(model, reference, forget: TokenBatch, beta: float) -> torch.Tensor:
@@ -85,4 +100,6 @@ def npo_loss(model, reference, forget: TokenBatch, beta: float) -> torch.Tensor:
     with torch.no_grad():
         reference_logprob = sequence_logprob(reference, forget)
     log_ratio = sequence_logprob(model, forget) - reference_logprob
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+    per_sequence = F.logsigmoid(-beta * log_ratio)
+    mean = per_sequence.mean() if forget.share_of is None else per_sequence.sum() / forget.share_of.sequences
+    return -(2.0 / beta) * mean

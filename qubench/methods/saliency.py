@@ -11,8 +11,15 @@ window, is taken with respect to every Linear weight matrix.
   embeddings and norms included, is frozen (requires_grad False).
 - row level (`sure_granularity="row"`): the same rule over the L2 norms of
   every output row (neuron) of every Linear weight, pooled across modules.
-  Modules with no salient row are frozen; in the others a gradient hook zeroes
-  the non-salient rows' gradients (and their bias entries).
+  Modules with no salient row are frozen; in the others the non-salient rows'
+  gradients (and their bias entries) are zeroed once each step's gradients
+  are complete (`gradients_ready`), before clipping: the same gradients a
+  per-micro-batch autograd hook would leave, but also right on FSDP2's
+  sharded gradients, where each rank zeroes the rows of its own shard.
+
+Under data parallelism the main process measures saliency (on the whole,
+not yet sharded model) and sends its choice to every rank, so all ranks
+freeze exactly the same weights.
 
 The percentile is the paper's threshold gamma expressed as a share (90 =
 the top 10% train), as in the authors' code. With raw norms large matrices
@@ -23,7 +30,8 @@ step its moments stay exactly zero and the Adam update is exactly zero, but
 decoupled weight decay would still shrink the frozen rows. Row-masked weights
 are therefore moved to a parameter group without weight decay, and a
 pre-step hook applies the same decay, p *= 1 - lr * wd, to their salient rows
-only, exactly as AdamW would (decay first, then the Adam update).
+only, exactly as AdamW would (decay first, then the Adam update); on a sharded
+parameter, to the salient rows of this rank's shard.
 
 Deliberate differences from the authors' public code: there the mask is
 built inside `optimizer_step`, which HF Trainer never calls, so it is never
@@ -44,7 +52,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from qubench.errors import ConfigError
 from qubench.methods.data import collate
+from qubench.methods.runtime import local, local_rows
 from qubench.methods.train_loop import TrainHook, TrainSession
 from qubench.plugin import PluginConfig
 
@@ -66,10 +76,11 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 def forget_gradients(session: TrainSession, forget_loss) -> dict[str, torch.Tensor]:
     """Gradient of the mean forget term over all forget windows, per Linear module's weight."""
     model, windows, size = session.model, session.forget, session.config.batch_size
+    device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
     n_batches = -(-len(windows) // size)
     for start in range(0, len(windows), size):
-        batch = collate(windows[start : start + size], session.pad_id)
+        batch = collate(windows[start : start + size], session.pad_id).to(device)
         (forget_loss(model, session.reference, batch) / n_batches).backward()
     grads = {name: m.weight.grad.detach().clone() for name, m in linear_modules(model).items()
              if m.weight.grad is not None}
@@ -84,18 +95,23 @@ def salient_modules(norms: dict[str, float], percentile: float) -> tuple[set[str
 
 
 def salient_rows(row_norms: dict[str, torch.Tensor], percentile: float) -> tuple[dict[str, torch.Tensor], float]:
-    pooled = torch.cat([n.double() for n in row_norms.values()]).numpy()
+    pooled = torch.cat([n.double().cpu() for n in row_norms.values()]).numpy()
     threshold = float(np.percentile(pooled, percentile))
-    return {name: norms.double() >= threshold for name, norms in row_norms.items()}, threshold
+    return {name: (norms.double() >= threshold).cpu() for name, norms in row_norms.items()}, threshold
 
 
-def _masked_grad(row_mask: torch.Tensor):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        mask = row_mask.view(-1, *([1] * (grad.dim() - 1)))
-        # where, not multiply: 0 * nan would pass a non-finite gradient into frozen rows
-        return torch.where(mask, grad, torch.zeros_like(grad))
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
 
-    return hook
+
+def zero_other_rows(row_masks: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Zero the gradient rows outside each parameter's mask (masks as `local_rows` gives them)."""
+    with torch.no_grad():
+        for param, mask in row_masks.items():
+            if param.grad is not None:
+                grad = local(param.grad)
+                # masked_fill, not multiply: 0 * nan would pass a non-finite gradient into frozen rows
+                grad.masked_fill_(~_per_row(mask, grad), 0.0)
 
 
 def exclude_rows_from_decay(optimizer: torch.optim.Optimizer, row_masks: dict, weight_decay: float) -> None:
@@ -105,6 +121,7 @@ def exclude_rows_from_decay(optimizer: torch.optim.Optimizer, row_masks: dict, w
     applies p *= 1 - lr * wd to their salient rows, which is what AdamW does
     before its Adam update. (With weight decay 0 nothing is needed: rows whose
     gradient is zero from the start keep zero moments and get a zero update.)
+    A sharded parameter's mask covers this rank's rows (`local_rows`).
     """
     masked = {id(p) for p in row_masks}
     for group in optimizer.param_groups:
@@ -116,8 +133,9 @@ def exclude_rows_from_decay(optimizer: torch.optim.Optimizer, row_masks: dict, w
         factor = 1.0 - group["lr"] * weight_decay
         with torch.no_grad():
             for param, mask in row_masks.items():
-                scale = torch.where(mask, factor, 1.0).to(param.dtype)  # frozen rows: x * 1.0 == x exactly
-                param.mul_(scale.view(-1, *([1] * (param.dim() - 1))))
+                rows = local(param)
+                scale = torch.where(mask, factor, 1.0).to(rows.dtype)  # frozen rows: x * 1.0 == x exactly
+                rows.mul_(_per_row(scale, rows))
 
     optimizer.register_step_pre_hook(decay_salient_rows)
 
@@ -135,27 +153,35 @@ class SaliencyMask(TrainHook):
         self.percentile = method.config.sure_percentile
         self.granularity = method.config.sure_granularity
         self.weight_decay = method.config.weight_decay
-        self.row_masks: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.row_masks: dict[str, torch.Tensor] = {}             # parameter name -> row mask
+        self.live_masks: dict[torch.Tensor, torch.Tensor] = {}   # the prepared model's parameter -> its rows' mask
         self.stats: dict[str, Any] = {}
 
-    def before_training(self, session: TrainSession) -> None:
+    def _choose(self, session: TrainSession):
         grads = forget_gradients(session, self.forget_loss)
+        if self.granularity == "module":
+            return salient_modules({n: float(g.norm()) for n, g in grads.items()}, self.percentile)
+        return salient_rows({n: g.norm(dim=1) for n, g in grads.items()}, self.percentile)
+
+    def before_training(self, session: TrainSession) -> None:
+        if self.granularity == "row" and session.runtime.is_deepspeed:
+            raise ConfigError("sure_granularity='row' masks gradient rows, which DeepSpeed ZeRO-3 keeps in flat "
+                              "partitions: use --strategy fsdp (or ddp), or sure_granularity='module'")
+        chosen, threshold = session.runtime.from_main(lambda: self._choose(session))
         modules = linear_modules(session.model)
         session.model.requires_grad_(False)
         if self.granularity == "module":
-            chosen, threshold = salient_modules({n: float(g.norm()) for n, g in grads.items()}, self.percentile)
             for name in chosen:
                 modules[name].requires_grad_(True)
             self.stats = {"salient_modules": sorted(chosen)}
         else:
-            masks, threshold = salient_rows({n: g.norm(dim=1) for n, g in grads.items()}, self.percentile)
+            masks = chosen
             for name, mask in masks.items():
                 if not mask.any():
                     continue
-                for param in modules[name].parameters(recurse=False):  # weight, and bias if any
+                for kind, param in modules[name].named_parameters(recurse=False):  # weight, and bias if any
                     param.requires_grad_(True)
-                    param.register_hook(_masked_grad(mask))
-                    self.row_masks[param] = mask
+                    self.row_masks[f"{name}.{kind}"] = mask
             self.stats = {
                 "salient_rows": int(sum(int(m.sum()) for m in masks.values())),
                 "total_rows": int(sum(m.numel() for m in masks.values())),
@@ -172,8 +198,14 @@ class SaliencyMask(TrainHook):
         })
 
     def optimizer_ready(self, optimizer: torch.optim.Optimizer, session: TrainSession) -> None:
-        if self.row_masks and self.weight_decay > 0:
-            exclude_rows_from_decay(optimizer, self.row_masks, self.weight_decay)
+        # The prepared model's parameters (FSDP2 replaced them by sharded DTensors), found by name.
+        params = dict(session.runtime.unwrap(session.model).named_parameters())
+        self.live_masks = {params[name]: local_rows(mask, params[name]) for name, mask in self.row_masks.items()}
+        if self.live_masks and self.weight_decay > 0:
+            exclude_rows_from_decay(optimizer, self.live_masks, self.weight_decay)
+
+    def gradients_ready(self, session: TrainSession) -> None:
+        zero_other_rows(self.live_masks)
 
     def summary(self) -> dict[str, Any]:
         return self.stats

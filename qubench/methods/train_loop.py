@@ -7,6 +7,18 @@ AdamW at a constant learning rate (optional linear warmup), gradient
 accumulation, gradient-norm clipping, seeded data order, a per-step log,
 divergence detection and saving in the target's own dtype.
 
+It runs through Hugging Face Accelerate (`qubench.methods.runtime`): on the
+CPU, one GPU, or N processes (DDP, FSDP2, DeepSpeed ZeRO-3). Every process
+builds the same micro-batches of `batch_size` windows and trains on its own
+rows of each, and every mean in a loss is taken over the whole micro-batch
+(`data.ShareOf`), so an optimizer step sees exactly the windows, and the
+gradient, of the one-process run: the result does not depend on the process
+count beyond float rounding. Objectives should build their means with
+`qubench.methods.losses.divisor` (as the built-in losses do); a plain
+per-batch mean still trains, but under data parallelism it becomes an
+average of per-rank means, which weighs tokens differently when ranks hold
+different token counts.
+
 Modifiers that change *how* a loss is optimised rather than *what* it is
 (the quantization-robust methods: a logit hinge, a saliency mask, LoRA
 adapters) plug in as `TrainHook`s: they see the session before the first
@@ -14,8 +26,8 @@ step (and may wrap or freeze the model), may add loss terms per micro-batch,
 see the optimizer once it exists, and may replace the model before it is
 saved. A run without hooks is exactly the plain loop.
 
-Training runs in float32 whatever dtype the target was saved in: CPU
-half-precision training is slow and loses the small updates unlearning makes;
+Master weights are float32 whatever dtype the target was saved in (the
+`precision` parameter only chooses the compute dtype: fp32, or bf16 on GPUs);
 the result is cast back to the saved dtype so that the quantizers see the
 same storage format for target and unlearned model.
 """
@@ -42,7 +54,7 @@ from rich.progress import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from qubench.errors import QubenchError
+from qubench.errors import ConfigError, QubenchError
 from qubench.methods.base import UnlearnContext, UnlearnMethod, UnlearnOutcome
 from qubench.methods.data import (
     TokenBatch,
@@ -52,6 +64,7 @@ from qubench.methods.data import (
     forget_retain_batches,
 )
 from qubench.methods.losses import kl_to_reference, retain_nll_loss
+from qubench.methods.runtime import Precision, Runtime
 from qubench.plugin import PluginConfig
 
 
@@ -73,10 +86,15 @@ MaxGradNorm = Annotated[float | None, Field(gt=0, description="clip the gradient
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW decoupled weight decay")]
 MaxSteps = Annotated[int | None, Field(ge=1, description="stop after this many optimizer steps")]
 RetainWeight = Annotated[float, Field(ge=0, description="alpha: weight of the retain term")]
+TrainingPrecision = Annotated[
+    Precision, Field(description="fp32; bf16 compute with float32 master weights; auto = bf16 on CUDA, else fp32")
+]
+GradientCheckpointing = Annotated[bool, Field(description="recompute activations in backward to save memory")]
 
 
 class TrainConfig(PluginConfig):
-    """Hyper-parameters of the shared loop. No defaults here: see each method's config."""
+    """Hyper-parameters of the shared loop. The optimisation ones have no defaults here (see each method's
+    config); the two runtime ones do, so that every method, third-party ones included, has them."""
 
     lr: LearningRate
     epochs: Epochs
@@ -87,6 +105,9 @@ class TrainConfig(PluginConfig):
     max_grad_norm: MaxGradNorm
     weight_decay: WeightDecay
     max_steps: MaxSteps
+    # Part of the unlearned model's identity: bf16 compute gives different weights than fp32.
+    precision: TrainingPrecision = "auto"
+    gradient_checkpointing: GradientCheckpointing = False
 
 
 Objective = Callable[[torch.nn.Module, torch.nn.Module | None, TokenBatch, TokenBatch | None], dict]
@@ -95,30 +116,40 @@ Objective = Callable[[torch.nn.Module, torch.nn.Module | None, TokenBatch, Token
 @dataclass
 class TrainSession:
     """What the loop has built before the first step. Hooks read it; `model` they may replace
-    (LoRA wraps it before training and merges the adapters back before saving)."""
+    (LoRA merges the adapters back before saving)."""
 
     ctx: UnlearnContext
     config: TrainConfig
     tokenizer: Any
-    model: torch.nn.Module                # float32, train mode, the target's weights until step 1
+    model: torch.nn.Module                # float32 master weights, train mode, the target's weights until step 1
     reference: torch.nn.Module | None     # frozen copy of the target, when the loss needs one
     forget: list[list[int]]               # the forget windows (token ids) the loop iterates over
     retain: list[list[int]] | None
     pad_id: int
+    runtime: Runtime                      # device, rank, and how to share work with the other ranks
 
 
 class TrainHook:
     """An extension of the shared loop; every method is a no-op here.
 
-    The loop calls, in this order: `before_training` (after the model, the
-    reference and the windows exist), `optimizer_ready` (once), `extra_terms`
-    (every micro-batch), `after_training` (before the model is cast and saved),
-    and records `summary()` in the outcome's `extra` under the hook's `name`.
+    The loop calls, in this order: `wrap_model` (on the freshly loaded model;
+    also when the main process rebuilds the model's structure to receive
+    sharded weights), `before_training` (the model, on the device but not yet
+    wrapped for data parallelism or sharding, the reference and the windows
+    exist; every rank calls it), `optimizer_ready` (once, on the prepared
+    model), per micro-batch `extra_terms` and `micro_batch_done`, per optimizer
+    step `gradients_ready`, `after_training` (on the main process only, with
+    the whole trained model, before it is cast and saved), and records
+    `summary()` in the outcome's `extra` under the hook's `name`.
     """
 
     name: ClassVar[str] = ""
     #: A modifier that makes its method a known-answer control (see UnlearnMethod.is_control).
     is_control: ClassVar[bool] = False
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train in place of `model` (e.g. with adapters); called before any weights move."""
+        return model
 
     def before_training(self, session: TrainSession) -> None:
         pass
@@ -127,8 +158,16 @@ class TrainHook:
         pass
 
     def extra_terms(self, model: torch.nn.Module, forget: TokenBatch) -> dict[str, torch.Tensor]:
-        """Terms to log for this forget micro-batch; the one under "loss", if any, is added to the loss."""
+        """Terms to log for this forget micro-batch; the one under "loss", if any, is added to the loss.
+
+        Under data parallelism `forget` is this rank's share: take means with `losses.divisor`."""
         return {}
+
+    def micro_batch_done(self, values: dict[str, float]) -> None:
+        """Every logged term of the micro-batch just done, averaged over ranks (the whole micro-batch's)."""
+
+    def gradients_ready(self, session: TrainSession) -> None:
+        """The step's gradients are complete (reduced across ranks), before clipping and the optimizer step."""
 
     def after_training(self, session: TrainSession) -> None:
         pass
@@ -149,6 +188,16 @@ def _with_hook_terms(terms: dict, hooks: Sequence[TrainHook], model, forget: Tok
     return terms
 
 
+def check_batch_split(batch_size: int, ranks: int) -> None:
+    """Every rank takes batch_size / ranks windows of each full micro-batch."""
+    if batch_size % ranks:
+        raise ConfigError(
+            f"batch_size={batch_size} windows cannot be split evenly across {ranks} processes: choose a "
+            f"batch_size divisible by {ranks} (it is the global micro-batch, so the result does not depend on "
+            "the process count) or another number of processes"
+        )
+
+
 def saved_dtype(model_dir) -> torch.dtype:
     """The dtype the model folder was saved in (config `dtype`, formerly `torch_dtype`)."""
     config = AutoConfig.from_pretrained(model_dir)
@@ -158,7 +207,7 @@ def saved_dtype(model_dir) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _load_model(model_dir, trainable: bool) -> torch.nn.Module:
+def _load_model(model_dir, trainable: bool) -> torch.nn.Module:  # float32 on CPU; the runtime places it
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if trainable:
         model.train()
@@ -183,8 +232,8 @@ def _check_finite(values: dict[str, float], what: str, step: int, epoch: int, lr
         )
 
 
-def _check_finite_weights(model: torch.nn.Module, steps: int) -> None:
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+def _check_finite_weights(runtime: Runtime, model: torch.nn.Module, steps: int) -> None:
+    bad = runtime.nonfinite_parameters(model)
     if bad:
         raise TrainingError(
             f"training diverged: non-finite weights after {steps} optimizer step(s) in {len(bad)} tensor(s), "
@@ -215,11 +264,30 @@ def train(
     label: str = "unlearning",
     hooks: Sequence[TrainHook] = (),
 ) -> UnlearnOutcome:
-    """Optimise `objective` (plus any hook terms) over the forget set, save model + tokenizer to `ctx.out_dir`."""
-    started = time.perf_counter()
-    torch.manual_seed(ctx.seed)  # dropout, if the architecture has any
-    data_order = torch.Generator().manual_seed(ctx.seed)
+    """Optimise `objective` (plus any hook terms) over the forget set, save model + tokenizer to `ctx.out_dir`
+    (from the main process; every process of a distributed run calls this and returns the same outcome)."""
+    runtime = Runtime(config.precision, ctx.parallelism)
+    try:
+        return _train(runtime, ctx, config, objective, needs_reference, needs_retain, label, hooks)
+    finally:
+        runtime.close()
 
+
+def _train(runtime: Runtime, ctx: UnlearnContext, config: TrainConfig, objective: Objective,
+           needs_reference: bool, needs_retain: bool, label: str, hooks: Sequence[TrainHook]) -> UnlearnOutcome:
+    started = time.perf_counter()
+    # The same seed on every rank while the model is built (LoRA initialises its adapters at random:
+    # FSDP keeps each rank's own shard of them, so every rank must draw the same values).
+    torch.manual_seed(ctx.seed)
+    data_order = torch.Generator().manual_seed(ctx.seed)  # the same micro-batches on every rank
+    check_batch_split(config.batch_size, runtime.ranks)
+
+    if runtime.is_deepspeed and runtime.precision == "bf16" and saved_dtype(ctx.target_dir) == torch.float32:
+        raise ConfigError(
+            "DeepSpeed with bf16 keeps (and saves) bf16 copies of every weight, frozen ones included, so the "
+            "unlearned model would differ from this float32 target everywhere: use --strategy fsdp (float32 "
+            "master weights), or precision=fp32"
+        )
     tokenizer = AutoTokenizer.from_pretrained(ctx.target_dir)
     model = _load_model(ctx.target_dir, trainable=True)
     reference = _load_model(ctx.target_dir, trainable=False) if needs_reference else None
@@ -229,7 +297,19 @@ def train(
     retain = chunk_documents(ctx.data.retain, tokenizer, max_len) if needs_retain else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    session = TrainSession(ctx, config, tokenizer, model, reference, forget, retain, pad_id)
+    def structure() -> torch.nn.Module:
+        built = _load_model(ctx.target_dir, trainable=True)
+        for hook in hooks:
+            built = hook.wrap_model(built)
+        return built
+
+    for hook in hooks:
+        model = hook.wrap_model(model)
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA), several forwards per backward, DDP and FSDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    session = TrainSession(ctx, config, tokenizer, runtime.place(model), runtime.place_reference(reference),
+                           forget, retain, pad_id, runtime)
     for hook in hooks:
         hook.before_training(session)
     model = session.model
@@ -243,38 +323,54 @@ def train(
     if not params:
         raise TrainingError("nothing to train: every parameter of the model is frozen")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = runtime.prepare(model, optimizer, config.batch_size, config.max_grad_norm)
+    reference = runtime.prepare_reference(session.reference)
+    session.model, session.reference = model, reference
     for hook in hooks:
-        hook.optimizer_ready(optimizer, session)
+        hook.optimizer_ready(getattr(optimizer, "optimizer", optimizer), session)  # the torch optimizer itself
     clip_at = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    record = runtime.record(model, config.gradient_checkpointing)
+    if runtime.rank > 0:  # dropout masks, if any: each rank its own stream (rank 0 continues the seed's)
+        torch.manual_seed(ctx.seed + runtime.rank)
 
     log: list[dict[str, float]] = []
     sums: dict[str, float] = {}
     step = 0
     batches = forget_retain_batches(forget, retain, config.batch_size, config.epochs, data_order, pad_id)
-    with _progress_bar(ctx.progress) as progress:
+    with _progress_bar(ctx.progress and runtime.is_main) as progress:
         bar = progress.add_task(label, total=total_steps, loss="")
         for index, (epoch, forget_batch, retain_batch) in enumerate(batches):
             # Accumulation groups never straddle epochs; the last group of an epoch may be short,
             # and each micro-batch is weighted by 1/(its group's size) so a step is always a mean.
             pos = index % micro_per_epoch
             group_size = min(config.grad_accum, micro_per_epoch - (pos - pos % config.grad_accum))
+            last = pos % config.grad_accum == group_size - 1
             lr = _learning_rate(config, step)
+            for group in optimizer.param_groups:  # before backward: DeepSpeed steps inside the last one
+                group["lr"] = lr
 
-            terms = objective(model, reference, forget_batch, retain_batch)
-            if hooks:
-                terms = _with_hook_terms(terms, hooks, model, forget_batch)
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            _check_finite(values, "loss", step + 1, epoch, lr)
-            (terms["loss"] / group_size).backward()
+            forget_share, weight = runtime.share(forget_batch)
+            retain_share, _ = runtime.share(retain_batch)
+            with runtime.micro_batch(model, last):
+                terms = objective(model, reference, forget_share, retain_share)
+                if hooks:
+                    terms = _with_hook_terms(terms, hooks, model, forget_share)
+                if weight != 1.0:  # a rank without rows of this micro-batch: in step, contributing nothing
+                    terms = {k: v * weight for k, v in terms.items()}
+                values = runtime.mean_over_ranks({k: float(v.detach()) for k, v in terms.items()})
+                _check_finite(values, "loss", step + 1, epoch, lr)
+                runtime.backward(terms["loss"] / group_size)
+            for hook in hooks:
+                hook.micro_batch_done(values)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v / group_size
 
-            if pos % config.grad_accum != group_size - 1:
+            if not last:
                 continue
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_at))
+            for hook in hooks:
+                hook.gradients_ready(session)
+            grad_norm = runtime.clip_grad_norm(model, clip_at)
             _check_finite({"grad_norm": grad_norm}, "gradient", step + 1, epoch, lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -286,14 +382,19 @@ def train(
             if step >= total_steps:
                 break
 
-    _check_finite_weights(model, step)  # the last step's update is checked by no later loss
-    for hook in hooks:
-        hook.after_training(session)
-    model = session.model
-    model.to(saved_dtype(ctx.target_dir))
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(ctx.out_dir)
-    tokenizer.save_pretrained(ctx.out_dir)
+    _check_finite_weights(runtime, model, step)  # the last step's update is checked by no later loss
+    session.model = runtime.trained_model(model, structure)
+    failure = None
+    if runtime.is_main:
+        try:
+            for hook in hooks:
+                hook.after_training(session)
+            _save(session.model, tokenizer, ctx)
+        except BaseException as exc:  # the other ranks must not be left waiting for the main process
+            failure = exc
+    runtime.wait()
+    if failure is not None:
+        raise failure
 
     not_losses = ("step", "epoch", "lr", "grad_norm")
     final = {k: v for k, v in log[-1].items() if k not in not_losses} if log else {}
@@ -306,9 +407,17 @@ def train(
             "forget_windows": len(forget),
             "retain_windows": len(retain) if retain is not None else 0,
             "seconds": time.perf_counter() - started,
+            "training": record,
             **{hook.name: hook.summary() for hook in hooks},
         },
     )
+
+
+def _save(model: torch.nn.Module, tokenizer, ctx: UnlearnContext) -> None:
+    model.to(device="cpu", dtype=saved_dtype(ctx.target_dir))
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(ctx.out_dir)
+    tokenizer.save_pretrained(ctx.out_dir)
 
 
 class LossBasedMethod(UnlearnMethod):

@@ -51,8 +51,9 @@ class RunStages:
     """The stage objects of `spec`; each needs its upstream artifacts (paths, data) to be named."""
 
     def __init__(self, spec: RunSpec, plugins: Plugins | None = None, log: Log = lambda msg: None,
-                 progress: bool = True):
+                 progress: bool = True, parallelism=None):
         self.spec, self.log, self.progress = spec, log, progress
+        self.parallelism = parallelism  # how unlearning is spread over processes (methods.runtime.Parallelism)
         self.plugins = plugins or Plugins.from_spec(spec)
 
     def task_data(self) -> TaskData:
@@ -67,7 +68,7 @@ class RunStages:
         """Where the unlearned model comes from: the method's unlearning, or (audits) an external checkpoint."""
         if self.spec.audit is not None:
             return ExternalUnlearned(self.spec.audit, models, self.spec.model, self.log)
-        return Unlearned(self.plugins.method, self.spec.seed, models, data, self.progress)
+        return Unlearned(self.plugins.method, self.spec.seed, models, data, self.progress, self.parallelism, self.log)
 
     def quantized(self, model_dir: Path, data) -> Quantized:
         return Quantized(self.plugins.quant, model_dir, data)

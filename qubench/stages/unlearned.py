@@ -21,12 +21,25 @@ class Unlearned(Stage):
     step = "unlearn"
     group_shared = True
 
-    def __init__(self, method, seed: int, models: PreparedModels, data, progress: bool = True):
+    def __init__(self, method, seed: int, models: PreparedModels, data, progress: bool = True,
+                 parallelism=None, log=lambda msg: None):
         self.method, self.seed, self.models, self.data, self.progress = method, seed, models, data, progress
+        self.parallelism, self.log = parallelism, log  # how training is spread over processes: not identity
+
+    def params(self) -> dict[str, Any]:
+        """The method's parameters as they run: precision `auto` resolved for the device (bf16 on CUDA,
+        fp32 on CPU), so artifacts trained at different precisions never share a key."""
+        params = self.method.params()
+        if "precision" in params:
+            from qubench.methods.runtime import Parallelism, default_device_type, resolve_precision
+
+            device = default_device_type((self.parallelism or Parallelism()).device)
+            params = {**params, "precision": resolve_precision(params["precision"], device)}
+        return params
 
     def identity(self) -> dict[str, Any]:
         ident = {"target": model_fingerprint(self.models.target_dir), "method": self.method.name,
-                 "params": self.method.params(), "seed": self.seed,
+                 "params": self.params(), "seed": self.seed,
                  # The corpora it unlearns from: one target can serve tasks with different forget sets.
                  "forget": store.stable_hash(self.data.forget), "retain": store.stable_hash(self.data.retain)}
         if self.method.uses_retrain_model and self.models.retrain_dir is not None:
@@ -51,10 +64,11 @@ class Unlearned(Stage):
         """A run reports its separation (the result records it) but does not stop on it."""
 
     def build(self, tmp: Path) -> None:
+        from qubench.methods import launch
         from qubench.methods.base import UnlearnContext
 
-        outcome = self.method.unlearn(UnlearnContext(self.models.target_dir, self.models.retrain_dir, self.data,
-                                                     tmp, self.seed, self.progress))
+        ctx = UnlearnContext(self.models.target_dir, self.models.retrain_dir, self.data, tmp, self.seed, self.progress)
+        outcome = launch.unlearn(self.method, ctx, self.parallelism, self.log)  # in process, or on N processes
         store.write_json_atomic(tmp / LOG_FILE, {"steps": outcome.steps,
                                                  "final": outcome.log[-1] if outcome.log else {},
                                                  "extra": outcome.extra, "log": outcome.log})
