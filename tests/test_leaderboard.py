@@ -135,6 +135,23 @@ def test_reproduce_command_recreates_the_same_spec(tree, monkeypatch):
     assert captured["spec"].run_id() == result.run_id
 
 
+def test_baseline_rows_show_an_empty_rank_and_a_baseline_label(tree):
+    """A missing rank used to reach the page as a null number, which the table draws as "None"."""
+    import csv
+    import io
+
+    _, rows = _rows(tree)
+    frame = table.to_frame(rows)
+    rtn = frame[frame.quantizer == "rtn-4bit"]
+    assert list(zip(rtn["method"], rtn["rank"])) == [("target", ""), ("retrain", ""), ("npo", "1"), ("ga", "2"),
+                                                    ("ga_klr", "")]
+    assert list(rtn["standing"][:2]) == ["baseline (target)", "baseline (retrain)"]
+    assert not frame["rank"].isna().any() and "None" not in set(frame["rank"])
+    shown = list(csv.DictReader(io.StringIO(table.to_csv(frame).decode())))
+    assert [(r["method"], r["rank"]) for r in shown if r["quantizer"] == "rtn-4bit"][:3] == [
+        ("target", ""), ("retrain", ""), ("npo", "1")]
+
+
 def test_csv_download_neutralises_spreadsheet_formulas(tree):
     write(make_result("=HYPERLINK(\"http://x\")", "rtn-4bit"), tree)
     _, rows = _rows(tree)

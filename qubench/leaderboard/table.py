@@ -18,7 +18,7 @@ class Column:
 
 
 COLUMNS = [
-    Column("rank", "rank", "int", "Position within the setting by the ranking rule above; empty for baselines and unranked rows."),
+    Column("rank", "rank", "text", "Position within the setting by the ranking rule above; empty for baselines and unranked rows."),
     Column("standing", "standing", "text", "Baseline, ranked, or why the row is not ranked."),
     Column("method", "method", "text", "The unlearning method's registered name (BASE+MOD for compositions)."),
     Column("composition", "composition", "text", "Base loss and modifiers of a composed method; empty for plain methods."),
@@ -58,6 +58,12 @@ def _mean(stats: MetricStats | None, field: str) -> float | None:
     return stats.mean(field) if stats is not None else None
 
 
+def _rank_cell(rank: int | None) -> str:
+    """A rank as the page shows it: text, so that baselines and unranked rows get an empty cell (a
+    missing number would be drawn as the word "None"); rows are already in rank order."""
+    return "" if rank is None else str(rank)
+
+
 def _ci(stats: MetricStats | None) -> str:
     if stats is None or stats.values["recovery"].n == 0:
         return "undefined"
@@ -71,7 +77,7 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
     records = []
     for r in rows:
         records.append({
-            "rank": r.rank, "standing": r.standing, "method": r.method, "composition": r.composition,
+            "rank": _rank_cell(r.rank), "standing": r.standing, "method": r.method, "composition": r.composition,
             "plugin": r.plugin, "quantizer": r.quantizer, "family": r.quant_family, "bits": r.bits,
             "group_size": r.group_size, "library": r.quant_library, "task": r.task, "model": r.model,
             "engine": r.engine, "evaluation": r.evaluation, "seeds": ", ".join(map(str, r.seeds)),
@@ -92,7 +98,7 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
         })
     columns = [c.id for c in COLUMNS] + list(HIDDEN)
     frame = pd.DataFrame.from_records(records, columns=columns)
-    return frame.astype({"rank": "Int64", "group_size": "Int64"})
+    return frame.astype({"group_size": "Int64"})
 
 
 #: Cells a spreadsheet would run as a formula (CSV injection); such text is prefixed with a quote.
