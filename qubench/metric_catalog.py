@@ -35,6 +35,10 @@ class Metric:
     min_forgetting: float = 1.0
     lm_eval_task: str | None = None    # the lm-eval task that produces it (generation, classification)
     muse: bool = False                 # one of MUSE's four reported metrics (expected of MUSE-style tasks)
+    #: For a forget metric: the floor metric that measures the same kind of probe on never-trained data,
+    #: i.e. what a model scores without having seen the forget set. The target is compared with it when
+    #: no retrain model was measured (qubench.scoring.separation).
+    floor: str | None = None
 
 
 #: Display order. ROUGE and accuracy are x100; PrivLeak's percentage is bounded below by -100 and,
@@ -42,7 +46,7 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("verbmem_f", "VerbMem on forget: ROUGE-L F1 x100 of the greedy continuation of forget text "
            "(lower = forgotten)", "forget", "generation", "verbmem/forget.json", 0, 100, 1,
-           lm_eval_task="qubench_verbmem_forget", muse=True),
+           lm_eval_task="qubench_verbmem_forget", muse=True, floor="verbmem_holdout"),
     Metric("knowmem_f", "KnowMem on forget: ROUGE-L F1 x100 of answers to questions about forget facts "
            "(lower = forgotten)", "forget", "generation", "knowmem/forget_qa.json", 0, 100, 1,
            lm_eval_task="qubench_knowmem_forget", muse=True),
@@ -62,7 +66,7 @@ METRICS: tuple[Metric, ...] = (
            "privleak/forget.json, privleak/holdout.json", 0, 1, -1, min_forgetting=0.01),
     Metric("cls_f", "Label accuracy x100 on forget posts (trained on; lower = forgotten, down to cls_holdout)",
            "forget", "classification", "classify/forget.json", 0, 100, 1,
-           lm_eval_task="qubench_classify_forget"),
+           lm_eval_task="qubench_classify_forget", floor="cls_holdout"),
     Metric("cls_holdout", "Label accuracy x100 on never-trained posts of the forget class (the floor "
            "forgetting should reach)", "floor", "classification", "classify/holdout.json", 0, 100, 0,
            lm_eval_task="qubench_classify_holdout"),

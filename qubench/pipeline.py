@@ -17,7 +17,7 @@ from qubench import results
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
-from qubench.scoring import diagnostics_for, score
+from qubench.scoring import diagnostics_for, score, separation
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData, Unlearned
 from qubench.stages.models import PreparedModels
@@ -86,6 +86,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
 
         step = SCORE_STEP
         result.metrics = score(measured)
+        result.separation = separation(measured)
         result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
                                    unlearned_dir, q_target, q_unlearned)
         result.unlearning = read_log(unlearned_dir)

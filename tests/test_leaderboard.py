@@ -55,11 +55,11 @@ def test_rows_are_ranked_by_post_forgetting_among_rows_that_keep_utility(tree):
 def test_the_utility_gate_uses_the_metric_the_task_declares(tmp_path):
     """synth-news declares VerbMem on retain (its tiny models answer no question): a method that keeps
     KnowMem_r but wrecks VerbMem_r is not ranked, and the page names the metric it used."""
-    from qubench.results import metric_row
+    from qubench.results import catalogued_row
 
     def declared(method, verbmem_r):
         result = make_result(method, forget=(40.0, 10.0, 12.0) if method != "target" else (40.0, 40.0, 41.0))
-        result.metrics["verbmem_r"] = metric_row(*verbmem_r, 5.0)  # pre, post, target_pre, target_post
+        result.metrics["verbmem_r"] = catalogued_row("verbmem_r", *verbmem_r, 5.0)  # pre, post, target_pre/post
         result.resolved["task"] = {"name": "synth-news", "utility_metric": "verbmem_r"}
         return result
 

@@ -1,5 +1,7 @@
 """Per (task, method, quantizer): the mean over seeds with a bootstrap 95% interval for every
-metric's values, gap and recovery, and a recovery verdict only where the interval excludes zero.
+metric's values, gap (and the target's own change) and, for forget metrics, recovery, with a recovery
+verdict only where the interval excludes zero and every seed's target separates on the metric.
+Utility, floor and raw metrics have no recovery: their verdict is "not applicable".
 
 The interval is the percentile bootstrap of the mean over seeds (resampling seeds with
 replacement, seeded, so the file is reproducible). With one seed there is no interval and every
@@ -17,11 +19,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from qubench import results, store
+from qubench import metric_catalog, results, store
 
-AGGREGATE_SCHEMA_VERSION = "1.0"
-FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
-Verdict = Literal["recovers", "does not recover", "undetermined"]
+#: 1.1: target_change, the verdicts "not applicable" (non-forget metrics) and "target not separated",
+#: and `not_separated`; 1.0 files still load (every new field has a default).
+AGGREGATE_SCHEMA_VERSION = "1.1"
+FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "target_change")
+Verdict = Literal["recovers", "does not recover", "undetermined", "not applicable", "target not separated"]
 
 
 class Strict(BaseModel):
@@ -38,7 +42,10 @@ class Estimate(Strict):
 class MetricAggregate(Strict):
     values: dict[str, Estimate | None]   # per FIELDS entry; None where no seed had a value
     recovery_verdict: Verdict
-    recovery_undefined: int = 0          # seeds whose recovery was undefined (see their recovery_note)
+    recovery_undefined: int = 0          # forget metric: seeds whose recovery was undefined (see recovery_note)
+    #: forget metric: seeds whose target does not remember it measurably more than the retrain model
+    #: (qubench.scoring.separation): their gap and recovery carry no information
+    not_separated: int = 0
 
 
 class RowAggregate(Strict):
@@ -120,11 +127,22 @@ def aggregate(cells, results_dir: Path, grid: dict, confidence: float = 0.95, re
             for f in FIELDS:
                 xs = [getattr(m, f) for m in metric_rows if getattr(m, f) is not None]
                 values[f] = bootstrap_mean(xs, confidence, resamples, seed) if xs else None
-            row.metrics[name] = MetricAggregate(values=values, recovery_verdict=verdict(values["recovery"]),
-                                                recovery_undefined=sum(m.recovery is None for m in metric_rows))
+            row.metrics[name] = _metric_aggregate(name, values, metric_rows, [r for _, r in ok if name in r.metrics])
         rows.append(row)
     return GridAggregate(grid=grid, confidence=confidence, bootstrap_resamples=resamples, bootstrap_seed=seed,
                          rows=rows, failures=failures)
+
+
+def _metric_aggregate(name: str, values: dict, metric_rows: list, runs: list) -> MetricAggregate:
+    metric = metric_catalog.BY_NAME.get(name)
+    if metric is None or metric.role != "forget":  # a utility metric has no forgetting to recover
+        return MetricAggregate(values=values, recovery_verdict="not applicable")
+    not_separated = sum(1 for r in runs if r.separation is not None
+                        and (m := r.separation.of(name)) is not None and m.separated is False)
+    return MetricAggregate(values=values,
+                           recovery_verdict="target not separated" if not_separated else verdict(values["recovery"]),
+                           recovery_undefined=sum(m.recovery is None for m in metric_rows),
+                           not_separated=not_separated)
 
 
 def save(agg: GridAggregate, path: Path) -> None:

@@ -17,7 +17,9 @@ RULE = (
     "go to the smaller gap (post - pre). Only rows whose utility after quantization (the task's utility metric: KnowMem on retain "
     "for MUSE, VerbMem on retain for the CPU-scale tasks whose tiny models answer no question; "
     f"test accuracy for classification) stays within {UTILITY_MARGIN:.0%} of the quantized target's utility "
-    "are ranked; the others are listed without a rank. The target and retrain rows are baselines: pinned at "
+    "are ranked; the others are listed without a rank. Nor are rows whose target does not remember the forget "
+    "metric measurably more than the retrain model (the separation column): they cannot show forgetting. "
+    "The target and retrain rows are baselines: pinned at "
     "the top of their setting and never ranked. Filters hide rows but do not change ranks."
 )
 
@@ -58,6 +60,8 @@ def rank(rows: list[Row]) -> list[Row]:
             post = r.forget.mean("post") if r.forget is not None else None
             if ok and post is None:
                 ok, why = False, "unranked: forgetting not measured after quantization"
+            if ok and r.separated is False:
+                ok, why = False, "unranked: target not separated from retrain (see separation)"
             (eligible if ok else unranked).append(r)
             r.standing = why
         eligible.sort(key=lambda r: (r.forget.mean("post"), _or_inf(r.forget.mean("gap")), r.method, r.source))

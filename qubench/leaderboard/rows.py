@@ -20,7 +20,7 @@ try:  # the grid's own estimator; without it rows show means and no interval
 except ImportError:  # pragma: no cover - the grid package ships with qubench
     bootstrap_mean = None
 
-FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
+FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "target_change")
 BASELINE_METHODS = ("target", "retrain")
 
 
@@ -68,6 +68,10 @@ class Row(Strict):
     utility: MetricStats | None
     runs: list[str]             # Run keys, one per seed
     baseline: bool
+    #: Whether every seed's target remembers the forget metric measurably more than the retrain model
+    #: (qubench.scoring.separation): False rows cannot show forgetting and are not ranked; None: unchecked.
+    separated: bool | None = None
+    separation: str = ""
     rank: int | None = None
     standing: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -182,4 +186,27 @@ def _row(source: Source, runs: list[Run]) -> Row:
         forget=_stats(runs, view.forget if view else None), forget2=_stats(runs, view.forget2 if view else None),
         utility=_stats(runs, view.utility if view else None), runs=[r.key for r in runs],
         baseline=spec.method.name in BASELINE_METHODS,
+        **_separation(runs, view.forget if view else None),
     )
+
+
+def _separation(runs: list[Run], metric: str | None) -> dict:
+    """The row's separation on its forget metric, over its seeds (each seed trains its own target)."""
+    if metric is None:
+        return {"separated": None, "separation": "unchecked: no forget metric"}
+    checks = [(r.result.spec.seed, r.result.separation.of(metric) if r.result.separation else None) for r in runs]
+    failing = [(seed, c) for seed, c in checks if c is not None and c.separated is False]
+    if failing:
+        seed, c = failing[0]
+        ref = "retrain" if c.reference_kind == "retrain" else (c.reference_metric or "floor")
+        seeds = ", ".join(str(s) for s, _ in failing)
+        return {"separated": False, "separation": (
+            f"NOT separated: target {metric} {c.target:.1f} vs {ref} {c.reference:.1f} (< {c.threshold:g} points "
+            f"apart; seed{'s' if len(failing) > 1 else ''} {seeds}): cannot show forgetting")}
+    if checks and all(c is not None and c.separated for _, c in checks):
+        c = checks[0][1]
+        ref = "retrain" if c.reference_kind == "retrain" else c.reference_metric
+        return {"separated": True, "separation": (
+            f"separated: target {metric} {c.target:.1f} vs {ref} {c.reference:.1f}"
+            + (f" (seed {checks[0][0]}; all {len(checks)} seeds separate)" if len(checks) > 1 else ""))}
+    return {"separated": None, "separation": f"unchecked: nothing to compare the target's {metric} with"}
