@@ -75,7 +75,8 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
         engine=PluginRef(name=engine, params=_params(engine_params)), model=model, retrain_model=retrain_model, seed=seed,
         **set_only(batch_size=batch_size, dtype=dtype, eval_limit=limit),
     )
-    log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
+    # Stage lines carry model paths and URLs: printed as written, never read as markup.
+    log = (lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)) if not as_json else (lambda msg: None)
     try:
         result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json)
     except QubenchError as exc:
@@ -94,15 +95,18 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
 @shared("as_json")
 def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
+    from qubench.progress import reporting
     from qubench.stages import TaskData
     from qubench.stages.models import models_stage
     from qubench.tasks import muse_layout
 
+    log = (lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)) if not as_json else (lambda msg: None)
     try:
         plugin = registry.create("tasks", task, _params(task_params))
-        data_dir = TaskData(plugin).get()
-        models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
-                              progress=not as_json).get_models()
+        with reporting(log):
+            data_dir = TaskData(plugin).get()
+            models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
+                                  progress=not as_json).get_models()
     except QubenchError as exc:
         _fail(exc)
     info = {"task": task, "data_dir": str(data_dir), "target": str(models.target_dir),
@@ -200,7 +204,7 @@ def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_
                 report.print_plan(console, counts, spec.notes, results_dir)
             return
         options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json)
-        log = (lambda msg: console.print(escape(msg), highlight=False)) if not as_json else (lambda msg: None)
+        log = (lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)) if not as_json else (lambda msg: None)
         summary = runner.run_grid(spec, options, log)
     except QubenchError as exc:
         _fail(exc)

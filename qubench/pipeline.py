@@ -17,6 +17,8 @@ from qubench import results
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
+from qubench.progress import reporting
+from qubench.progress import stage as log_stage
 from qubench.scoring import diagnostics_for, score, separation
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData, Unlearned
@@ -57,62 +59,56 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         log(f"reusing stored result {out} (pass --force to recompute)")
         return stored
     plugins = Plugins.from_spec(spec)  # bad names/params fail here, before any work
-    stages = RunStages(spec, plugins, log, progress)
+    stages = RunStages(spec, plugins, progress)
     stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
     timer = Timer()
     step = TaskData.step
     result = results.RunResult(run_id=spec.run_id(), status="failed", spec=spec)
-    try:
-        data_dir = timer("prepare_task", stages.task_data().get)
-        data = muse_layout.load(data_dir)
-        result.data_hashes = data.file_hashes()
-        models: PreparedModels = timer("prepare_models", stages.models(data).get_models)
+    # Every stage says when it starts and ends (or that it was cached) through `log`: see qubench.progress.
+    with reporting(log):
+        try:
+            data_dir = timer("prepare_task", stages.task_data().get)
+            data = muse_layout.load(data_dir)
+            result.data_hashes = data.file_hashes()
+            models: PreparedModels = timer("prepare_models", stages.models(data).get_models)
 
-        step = Unlearned.step
-        unlearned = stages.unlearned(models, data)
-        if not unlearned.exists():
-            log(f"unlearning with {plugins.method.name} ...")
-        unlearned_dir = timer("unlearn", unlearned.get)
+            step = Unlearned.step
+            unlearned_dir = timer("unlearn", stages.unlearned(models, data).get)
 
-        step = Quantized.step
-        q_target = timer("quantize", _quantized, stages.quantized(models.target_dir, data), log)
-        q_unlearned = timer("quantize", _quantized, stages.quantized(unlearned_dir, data), log)
+            step = Quantized.step
+            q_target = timer("quantize", stages.quantized(models.target_dir, data, "target").get)
+            q_unlearned = timer("quantize", stages.quantized(unlearned_dir, data, "unlearned").get)
 
-        step = Evaluation.step
-        evaluations = stages.evaluations(stages.eval_setup(data, data_dir), models, unlearned_dir, q_target,
-                                         q_unlearned)
-        measured = timer("evaluate", measure_models, evaluations, plugins.task.published_auc_retrain,
-                         spec.task.name)
+            step = Evaluation.step
+            evaluations = stages.evaluations(stages.eval_setup(data, data_dir), models, unlearned_dir, q_target,
+                                             q_unlearned)
+            measured = timer("evaluate", measure_models, evaluations, plugins.task.published_auc_retrain,
+                             spec.task.name)
 
-        step = SCORE_STEP
-        result.metrics = score(measured)
-        result.separation = separation(measured)
-        result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
-                                   unlearned_dir, q_target, q_unlearned)
-        result.unlearning = read_log(unlearned_dir)
-        result.resolved = _resolved(plugins, models, unlearned_dir, q_target, q_unlearned, measured)
-        result.resolved["seed"] = _seed_use(spec, models)
-        result.status = "ok"
-    except Exception as exc:
-        result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),
-                                         traceback=traceback.format_exc())
-        if not isinstance(exc, QubenchError):
-            log(f"[red]stage {step} failed[/red]: {type(exc).__name__}: {exc}")
-    finally:
-        from qubench.env import environment
+            step = SCORE_STEP
+            result.metrics = score(measured)
+            result.separation = separation(measured)
+            with log_stage("computing weight diagnostics"):
+                result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
+                                           unlearned_dir, q_target, q_unlearned)
+            result.unlearning = read_log(unlearned_dir)
+            result.resolved = _resolved(plugins, models, unlearned_dir, q_target, q_unlearned, measured)
+            result.resolved["seed"] = _seed_use(spec, models)
+            result.status = "ok"
+        except Exception as exc:
+            result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),
+                                             traceback=traceback.format_exc())
+            if not isinstance(exc, QubenchError):
+                log(f"stage {step} failed: {type(exc).__name__}: {exc}")
+        finally:
+            from qubench.env import environment
 
-        result.timings = timer.timings
-        result.environment = environment(spec)
-        results.save(result, out)
+            result.timings = timer.timings
+            result.environment = environment(spec)
+            results.save(result, out)
     if result.error is not None:
         raise RunFailed(result, out)
     return result
-
-
-def _quantized(stage: Quantized, log: Log) -> Path:
-    if not stage.exists():
-        log(f"quantizing {stage.model_dir.name} with {stage.quant.name} ...")
-    return stage.get()
 
 
 def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:

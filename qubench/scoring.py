@@ -11,10 +11,11 @@ from qubench.results import Diagnostics, MetricRow, MetricSeparation, Separation
 
 #: The least margin by which the target must remember a forget metric more than a model that never saw
 #: the forget set, per view, in the metric's own points (all are x100 scales). Generation (VerbMem,
-#: KnowMem: ROUGE-L F1 x100): over the ~30 probes of the small tasks the mean moves by 2-3 points between
-#: two comparable models, so 5 points is about two of those. Classification (label accuracy x100): on 30
-#: posts one post is 3.3 points, so 5 points is two posts. Membership (PrivLeak) is not checked: it is
-#: already a comparison with the retrain model, and its AUC saturates on tiny tasks.
+#: KnowMem: ROUGE-L F1 x100): models that never saw a probe set score within ~1.6 points of each other on
+#: it (reference grid, VerbMem on holdout text: target 25.2, retrain 25.3, the target quantized at 3-8
+#: bits 24.3-25.9), so 5 points is well outside that. Classification (label accuracy x100): one post of 30
+#: is 3.3 points, so 5 points is two posts. Membership (PrivLeak) is not checked: it is already a
+#: comparison with the retrain model.
 SEPARATION_THRESHOLD: dict[metric_catalog.View, float] = {"generation": 5.0, "classification": 5.0}
 
 

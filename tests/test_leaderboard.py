@@ -238,6 +238,8 @@ def test_detail_page_opens_with_spec_diagnostics_command_and_download(tree, monk
     diag = next(d.value for d in at.dataframe if "diagnostic" in d.value.columns)
     assert "mean quantization step" in set(diag["diagnostic"])
     assert len(at.get("download_button")) == 1
+    assert any(t.value.startswith("separated: the target remembers the forget set measurably more than the "
+                                  "retrain model (verbmem_f 40.0 vs 5.0") for t in at.text)
     at.button(key="back").click().run()
     assert at.title[0].value == "qubench leaderboard"
 

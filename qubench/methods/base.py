@@ -24,7 +24,7 @@ class UnlearnContext:
     data: TaskData
     out_dir: Path             # where the unlearned model must be saved
     seed: int = 0
-    progress: bool = True     # show a progress bar while training (off in tests and batch jobs)
+    progress: bool = True     # show progress while training (qubench.progress.Steps); off in tests, --json, grids
 
 
 @dataclass

@@ -21,8 +21,6 @@ from qubench.stages.quantized import Quantized
 from qubench.stages.unlearned import Unlearned
 from qubench.tasks.base import Task
 
-Log = Callable[[str], None]
-
 
 @dataclass
 class Plugins:
@@ -44,9 +42,8 @@ class Plugins:
 class RunStages:
     """The stage objects of `spec`; each needs its upstream artifacts (paths, data) to be named."""
 
-    def __init__(self, spec: RunSpec, plugins: Plugins | None = None, log: Log = lambda msg: None,
-                 progress: bool = True):
-        self.spec, self.log, self.progress = spec, log, progress
+    def __init__(self, spec: RunSpec, plugins: Plugins | None = None, progress: bool = True):
+        self.spec, self.progress = spec, progress
         self.plugins = plugins or Plugins.from_spec(spec)
 
     def task_data(self) -> TaskData:
@@ -60,11 +57,11 @@ class RunStages:
     def unlearned(self, models: PreparedModels, data) -> Unlearned:
         return Unlearned(self.plugins.method, self.spec.seed, models, data, self.progress)
 
-    def quantized(self, model_dir: Path, data) -> Quantized:
-        return Quantized(self.plugins.quant, model_dir, data)
+    def quantized(self, model_dir: Path, data, what: str | None = None) -> Quantized:
+        return Quantized(self.plugins.quant, model_dir, data, what)
 
     def eval_setup(self, data, data_dir: Path) -> EvalSetup:
-        return EvalSetup(self.plugins.engine, data, data_dir, self.spec.eval_limit, self.spec.dtype, self.log)
+        return EvalSetup(self.plugins.engine, data, data_dir, self.spec.eval_limit, self.spec.dtype)
 
     def evaluations(self, setup: EvalSetup, models: PreparedModels, unlearned_dir: Path | None,
                     q_target: Path | None, q_unlearned: Path | None) -> dict[str, Evaluation]:

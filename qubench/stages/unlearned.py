@@ -36,6 +36,9 @@ class Unlearned(Stage):
     def label(self) -> str:
         return self.method.name
 
+    def activity(self) -> str:
+        return f"unlearning with {self.method.name}"
+
     def build(self, tmp: Path) -> None:
         from qubench.methods.base import UnlearnContext
 
