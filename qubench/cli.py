@@ -29,6 +29,14 @@ def _fail(exc: QubenchError) -> None:
     sys.exit(2)
 
 
+def _stderr_log(quiet: bool):
+    """Where a command's progress lines go: stderr, one line each however long (a log stays greppable),
+    printed as written (they carry model paths and URLs, never markup); nowhere with --json."""
+    if quiet:
+        return lambda msg: None
+    return lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qubench")
 def main() -> None:
@@ -75,8 +83,7 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
         engine=PluginRef(name=engine, params=_params(engine_params)), model=model, retrain_model=retrain_model, seed=seed,
         **set_only(batch_size=batch_size, dtype=dtype, eval_limit=limit),
     )
-    # Stage lines carry model paths and URLs: printed as written, never read as markup.
-    log = (lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)) if not as_json else (lambda msg: None)
+    log = _stderr_log(quiet=as_json)
     try:
         result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json)
     except QubenchError as exc:
@@ -100,7 +107,7 @@ def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
     from qubench.stages.models import models_stage
     from qubench.tasks import muse_layout
 
-    log = (lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)) if not as_json else (lambda msg: None)
+    log = _stderr_log(quiet=as_json)
     try:
         plugin = registry.create("tasks", task, _params(task_params))
         with reporting(log):
@@ -204,7 +211,7 @@ def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_
                 report.print_plan(console, counts, spec.notes, results_dir)
             return
         options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json)
-        log = (lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)) if not as_json else (lambda msg: None)
+        log = _stderr_log(quiet=as_json)
         summary = runner.run_grid(spec, options, log)
     except QubenchError as exc:
         _fail(exc)

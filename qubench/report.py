@@ -43,7 +43,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         table = _table(title, ("metric", "target", "tgt q", "retrain", "pre", "post", "gap", "recov"))
         for name, row in forget.items():
             flag = " *" if sep is not None and (m := sep.of(name)) is not None and m.separated is False else ""
-            table.add_row(name + flag, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain),
+            table.add_row(escape(name) + flag, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain),
                           _fmt(row.pre), _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
         console.print(table)
     if others:
@@ -51,7 +51,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         table = _table("utility and reference metrics: change under quantization" if forget else title,
                        ("metric", "target", "tgt q", "tgt Δq", "retrain", "pre", "post", "Δq"))
         for name, row in others.items():
-            table.add_row(name, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.target_change),
+            table.add_row(escape(name), _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.target_change),
                           _fmt(row.retrain), _fmt(row.pre), _fmt(row.post), _fmt(row.gap))
         console.print(table)
     if note := result.resolved.get("task", {}).get("note"):
@@ -76,7 +76,7 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         console.print(f"separation: {escape(sep.message)}")
     notes = {n: r.recovery_note for n, r in forget.items() if r.recovery_note}
     for name, note in notes.items():
-        console.print(f"  {name}: recovery {note}")
+        console.print(f"  {escape(name)}: recovery {escape(note)}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     console.print(f"timings: {timings}")
     if path is not None:

@@ -35,7 +35,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qubench.errors import QubenchError
 from qubench.methods.base import UnlearnContext, UnlearnMethod, UnlearnOutcome
-from qubench.progress import Steps
 from qubench.methods.data import (
     TokenBatch,
     batches_per_epoch,
@@ -45,6 +44,7 @@ from qubench.methods.data import (
 )
 from qubench.methods.losses import kl_to_reference, retain_nll_loss
 from qubench.plugin import PluginConfig
+from qubench.progress import Steps
 
 
 class TrainingError(QubenchError):

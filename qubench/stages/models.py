@@ -95,9 +95,9 @@ class ExistingModels:
         retrain = self.local(self.retrain_ref)
         return PreparedModels(self.local(self.target_ref), retrain, self.target_ref, self.retrain_ref, None)
 
-    def activity(self) -> str:
+    def activity(self, downloading: bool = False) -> str:
         both = f"{self.target_ref} and {self.retrain_ref}" if self.retrain_ref else f"{self.target_ref}, no retrain model"
-        return f"preparing target and retrain models ({both})"
+        return f"preparing target and retrain models ({'downloading ' if downloading else ''}{both})"
 
     def get_models(self) -> PreparedModels:
         from qubench import progress
@@ -111,7 +111,7 @@ class ExistingModels:
         if self.exists():  # local folders or already in the hub cache: nothing to wait for
             progress.say(f"{self.activity()}: found")
             return resolve()
-        with progress.stage(self.activity().replace("models (", "models (downloading ", 1)):
+        with progress.stage(self.activity(downloading=True)):
             return resolve()
 
 
