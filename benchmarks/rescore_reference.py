@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REFERENCE = Path(__file__).resolve().parents[1] / "leaderboard" / "reference"
-METRIC_FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain")
+METRIC_FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "target_change")
 DIAGNOSTIC_FIELDS = ("mean_abs_delta", "max_abs_delta", "mean_quant_step", "delta_over_step",
                      "quantized_disagreement")
 
@@ -47,7 +47,7 @@ def main() -> int:
 
     import torch
 
-    from qubench import pipeline
+    from qubench import pipeline, results
     from qubench.quiet import quiet_libraries
     from qubench.specs import RunSpec
 
@@ -57,7 +57,8 @@ def main() -> int:
     for cell in args.cell:
         method, quant = cell.split("/")
         [path] = sorted((args.reference / "cells").glob(f"*__{method}__{quant}__s0__*.json"))
-        shipped = json.loads(path.read_text())
+        # Through the schema, so a file of an older schema is compared as it loads today (qubench.results).
+        shipped = json.loads(results.load(path).model_dump_json())
         spec = RunSpec.model_validate(shipped["spec"])
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:

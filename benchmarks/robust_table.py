@@ -21,7 +21,7 @@ PAIRS = (("ga_gdr", "—"), ("quail", "ga_gdr"), ("sure", "ga_gdr"), ("lora", "g
          ("npo_klr+lora", "npo_klr"))
 QUANTS = ("rtn-4bit", "gptq-4bit")
 COLUMNS = ["method", "base", "quantizer", "VerbMem_f target → unlearned", "VerbMem_f post (rec.)",
-           "KnowMem_f pre → post (rec.)", "PrivLeak AUC pre → post (rec.)", "KnowMem_r pre → post",
+           "KnowMem_f pre → post (rec.)", "PrivLeak AUC pre → post", "KnowMem_r pre → post",
            "VerbMem_r pre → post"]
 
 

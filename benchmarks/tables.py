@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from qubench import pipeline
+from qubench import metric_catalog, pipeline
 from qubench.errors import QubenchError
 from qubench.quiet import quiet_libraries
 from qubench.results import RunResult
@@ -44,11 +44,13 @@ def pct(v: float | None) -> str:
 
 
 def pre_post(result: RunResult, metric: str, digits: int = 1) -> str:
-    """'pre → post (recovery)' for one metric; recovery is '—' when undefined (see the result's note)."""
+    """'pre → post (recovery)' for a forget metric, recovery '—' when undefined (see the result's note);
+    'pre → post' for any other role (a utility or raw metric has no forgetting to recover)."""
     row = result.metrics.get(metric)
     if row is None:
         return "—"
-    return f"{num(row.pre, digits)} → {num(row.post, digits)} ({pct(row.recovery)})"
+    moved = f"{num(row.pre, digits)} → {num(row.post, digits)}"
+    return f"{moved} ({pct(row.recovery)})" if metric_catalog.get(metric).role == "forget" else moved
 
 
 def size_mib(result: RunResult) -> str:

@@ -29,6 +29,14 @@ def _fail(exc: QubenchError) -> None:
     sys.exit(2)
 
 
+def _stderr_log(quiet: bool):
+    """Where a command's progress lines go: stderr, one line each however long (a log stays greppable),
+    printed as written (they carry model paths and URLs, never markup); nowhere with --json."""
+    if quiet:
+        return lambda msg: None
+    return lambda msg: console.print(escape(msg), highlight=False, soft_wrap=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qubench")
 def main() -> None:
@@ -84,7 +92,7 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
         engine=PluginRef(name=engine, params=_params(engine_params)), model=model, retrain_model=retrain_model, seed=seed,
         **set_only(batch_size=batch_size, dtype=dtype, eval_limit=limit),
     )
-    log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
+    log = _stderr_log(quiet=as_json)
     try:
         result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, parallelism=parallelism)
     except QubenchError as exc:
@@ -178,15 +186,18 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
 @shared("as_json")
 def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
+    from qubench.progress import reporting
     from qubench.stages import TaskData
     from qubench.stages.models import models_stage
     from qubench.tasks import muse_layout
 
+    log = _stderr_log(quiet=as_json)
     try:
         plugin = registry.create("tasks", task, _params(task_params))
-        data_dir = TaskData(plugin).get()
-        models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
-                              progress=not as_json).get_models()
+        with reporting(log):
+            data_dir = TaskData(plugin).get()
+            models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
+                                  progress=not as_json).get_models()
     except QubenchError as exc:
         _fail(exc)
     info = {"task": task, "data_dir": str(data_dir), "target": str(models.target_dir),
@@ -284,7 +295,7 @@ def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_
                 report.print_plan(console, counts, spec.notes, results_dir)
             return
         options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json)
-        log = (lambda msg: console.print(escape(msg), highlight=False)) if not as_json else (lambda msg: None)
+        log = _stderr_log(quiet=as_json)
         summary = runner.run_grid(spec, options, log)
     except QubenchError as exc:
         _fail(exc)

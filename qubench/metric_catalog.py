@@ -42,6 +42,10 @@ class Metric:
     scale: float = 100.0
     #: The value is relative to the retrain model's: (AUC - AUC_retrain) / AUC_retrain x 100 (PrivLeak).
     relative_to_retrain: bool = False
+    #: For a forget metric: the floor metric that measures the same kind of probe on never-trained data,
+    #: i.e. what a model scores without having seen the forget set. The target is compared with it when
+    #: no retrain model was measured (qubench.scoring.separation).
+    floor: str | None = None
 
 
 #: Display order. ROUGE and accuracy are x100; PrivLeak's percentage is bounded below by -100 and,
@@ -49,7 +53,7 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("verbmem_f", "VerbMem on forget: ROUGE-L F1 x100 of the greedy continuation of forget text "
            "(lower = forgotten)", "forget", "generation", "verbmem/forget.json", 0, 100, 1,
-           lm_eval_task="qubench_verbmem_forget", muse=True, statistic="mean"),
+           lm_eval_task="qubench_verbmem_forget", muse=True, statistic="mean", floor="verbmem_holdout"),
     Metric("knowmem_f", "KnowMem on forget: ROUGE-L F1 x100 of answers to questions about forget facts "
            "(lower = forgotten)", "forget", "generation", "knowmem/forget_qa.json", 0, 100, 1,
            lm_eval_task="qubench_knowmem_forget", muse=True, statistic="mean"),
@@ -70,7 +74,7 @@ METRICS: tuple[Metric, ...] = (
            "privleak/forget.json, privleak/holdout.json", 0, 1, -1, min_forgetting=0.01),
     Metric("cls_f", "Label accuracy x100 on forget posts (trained on; lower = forgotten, down to cls_holdout)",
            "forget", "classification", "classify/forget.json", 0, 100, 1,
-           lm_eval_task="qubench_classify_forget", statistic="mean"),
+           lm_eval_task="qubench_classify_forget", statistic="mean", floor="cls_holdout"),
     Metric("cls_holdout", "Label accuracy x100 on never-trained posts of the forget class (the floor "
            "forgetting should reach)", "floor", "classification", "classify/holdout.json", 0, 100, 0,
            lm_eval_task="qubench_classify_holdout"),

@@ -21,8 +21,10 @@ from qubench import results
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
-from qubench.scoring import diagnostics_for, score, separation
 from qubench.methods.runtime import Parallelism
+from qubench.progress import reporting
+from qubench.progress import stage as log_stage
+from qubench.scoring import diagnostics_for, score, separation
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData
 from qubench.stages.external import CHECK_STEP, changed_since
@@ -79,70 +81,67 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
     timer = Timer()
     step = TaskData.step
     result = results.RunResult(run_id=spec.run_id(), status="failed", spec=spec)
-    try:
-        data_dir = timer("prepare_task", stages.task_data().get)
-        data = muse_layout.load(data_dir)
-        result.data_hashes = data.file_hashes()
-        models: PreparedModels = timer("prepare_models", stages.models(data).get_models)
+    # Every stage says when it starts and ends (or that it was cached) through `log`: see qubench.progress.
+    with reporting(log):
+        try:
+            data_dir = timer("prepare_task", stages.task_data().get)
+            data = muse_layout.load(data_dir)
+            result.data_hashes = data.file_hashes()
+            models: PreparedModels = timer("prepare_models", stages.models(data).get_models)
 
-        unlearned = stages.unlearned(models, data)  # a method's unlearning, or an audit's external checkpoint
-        step = unlearned.step
-        if not unlearned.exists():
-            log(unlearned.activity())
-        unlearned_dir = timer(unlearned.timing, unlearned.get)
-        step = CHECK_STEP  # an audit's bad input stops here, before anything is quantized or evaluated
-        audit = timer(unlearned.timing, unlearned.check_inputs, unlearned_dir, data)
+            unlearned = stages.unlearned(models, data)  # a method's unlearning, or an audit's external checkpoint
+            step = unlearned.step
+            unlearned_dir = timer(unlearned.timing, unlearned.get)
+            step = CHECK_STEP  # an audit's bad input stops here, before anything is quantized or evaluated
+            audit = timer(unlearned.timing, unlearned.check_inputs, unlearned_dir, data)
 
-        step = Evaluation.step
-        setup = stages.eval_setup(data, data_dir)
-        measure = lambda evaluations: timer("evaluate", measure_models, evaluations,
-                                            plugins.task.published_auc_retrain, spec.task.name)
-        separated = separation(measure(stages.evaluations(setup, models, None, None, None)))  # target, retrain
-        step = CHECK_STEP
-        unlearned.check_separation(separated)  # an audit without separation stops here, before quantizing
+            step = Evaluation.step
+            setup = stages.eval_setup(data, data_dir)
+            measure = lambda evaluations: timer("evaluate", measure_models, evaluations,
+                                                plugins.task.published_auc_retrain, spec.task.name)
+            # The target and retrain first: whether the target remembers the forget set at all
+            separated = separation(measure(stages.evaluations(setup, models, None, None, None)))
+            step = CHECK_STEP
+            unlearned.check_separation(separated)  # an audit without separation stops here, before quantizing
 
-        step = Quantized.step
-        q_target = timer("quantize", _quantized, stages.quantized(models.target_dir, data), log)
-        q_unlearned = timer("quantize", _quantized, stages.quantized(unlearned_dir, data), log)
-        # The retrain reference at the quantized precision too: the damage-controlled recovery compares
-        # every model with both references at the same precision.
-        q_retrain = (timer("quantize", _quantized, stages.quantized(models.retrain_dir, data), log)
-                     if models.retrain_dir is not None else None)
+            step = Quantized.step
+            q_target = timer("quantize", stages.quantized(models.target_dir, data, "target").get)
+            q_unlearned = timer("quantize", stages.quantized(unlearned_dir, data, "unlearned").get)
+            # The retrain reference at the quantized precision too: the damage-controlled recovery compares
+            # every model with both references at the same precision.
+            q_retrain = (timer("quantize", stages.quantized(models.retrain_dir, data, "retrain").get)
+                         if models.retrain_dir is not None else None)
 
-        step = Evaluation.step
-        measured = measure(stages.evaluations(setup, models, unlearned_dir, q_target, q_unlearned, q_retrain))
+            step = Evaluation.step
+            measured = measure(stages.evaluations(setup, models, unlearned_dir, q_target, q_unlearned, q_retrain))
 
-        step = SCORE_STEP
-        result.metrics = score(measured)
-        result.probes = measured.probes
-        result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
-                                   unlearned_dir, q_target, q_unlearned)
-        result.unlearning = read_log(unlearned_dir)
-        result.resolved = _resolved(spec, plugins, models, unlearned_dir, q_target, q_unlearned, measured, audit)
-        result.resolved["separation"] = separated.as_dict()
-        result.resolved["seed"] = _seed_use(spec, models)
-        result.resolved["training"] = result.unlearning.get("extra", {}).get("training")  # how it trained
-        result.status = "ok"
-    except Exception as exc:
-        result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),
-                                         traceback=traceback.format_exc())
-        if not isinstance(exc, QubenchError):
-            log(f"[red]stage {step} failed[/red]: {type(exc).__name__}: {exc}")
-    finally:
-        from qubench.env import environment
+            step = SCORE_STEP
+            result.metrics = score(measured)
+            result.probes = measured.probes
+            result.separation = separation(measured)
+            with log_stage("computing weight diagnostics"):
+                result.diagnostics = timer("diagnostics", diagnostics_for, plugins.quant, models.target_dir,
+                                           unlearned_dir, q_target, q_unlearned)
+            result.unlearning = read_log(unlearned_dir)
+            result.resolved = _resolved(spec, plugins, models, unlearned_dir, q_target, q_unlearned, measured,
+                                        audit)
+            result.resolved["seed"] = _seed_use(spec, models)
+            result.resolved["training"] = result.unlearning.get("extra", {}).get("training")  # how it trained
+            result.status = "ok"
+        except Exception as exc:
+            result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),
+                                             traceback=traceback.format_exc())
+            if not isinstance(exc, QubenchError):
+                log(f"stage {step} failed: {type(exc).__name__}: {exc}")
+        finally:
+            from qubench.env import environment
 
-        result.timings = timer.timings
-        result.environment = environment(spec)
-        results.save(result, out)
+            result.timings = timer.timings
+            result.environment = environment(spec)
+            results.save(result, out)
     if result.error is not None:
         raise RunFailed(result, out)
     return result
-
-
-def _quantized(stage: Quantized, log: Log) -> Path:
-    if not stage.exists():
-        log(f"quantizing {stage.model_dir.name} with {stage.quant.name} ...")
-    return stage.get()
 
 
 def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:

@@ -18,6 +18,13 @@ def _fmt(value, pct: bool = False) -> str:
     return f"{value * 100:.0f}%" if pct else f"{value:.1f}"
 
 
+#: How the report flags a run by its separation status (`qubench.scoring.separation`); a separated run
+#: gets a plain line under the tables instead.
+_SEPARATION_BANNER = {"not separated": "[bold red]NO SEPARATION[/bold red]",
+                      "partly separated": "[yellow]partial separation[/yellow]",
+                      "unchecked": "[yellow]separation unchecked[/yellow]"}
+
+
 def print_result(console: Console, result: RunResult, path: Path | None = None) -> None:
     spec = result.spec
     title = escape(f"{spec.task.name} · {spec.method.name} · {spec.quant.name} · seed {spec.seed} · "
@@ -26,17 +33,28 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         err = result.error
         console.print(f"[bold red]FAILED[/bold red] {title}\n  stage {err.stage}: {escape(err.type)}: {escape(err.message)}")
         return
-    table = Table(title=title, title_justify="left")
-    for col in ("metric", "target", "tgt q", "retrain", "pre", "post", "gap", "recov"):
-        if col == "metric":
-            table.add_column(col, no_wrap=True, min_width=15)  # names must stay readable on 80 columns
-        else:
-            table.add_column(col, justify="right", no_wrap=True)
-    for name, row in result.metrics.items():
-        table.add_row(name, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain), _fmt(row.pre),
-                      _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
-    console.print(table)
-    _print_controlled(console, result)
+    sep = result.separation
+    # First, before any number: whether the numbers below can show forgetting at all.
+    if sep is not None and sep.status in _SEPARATION_BANNER:
+        console.print(f"{_SEPARATION_BANNER[sep.status]}: {escape(sep.message)}")
+    forget = {n: r for n, r in result.metrics.items() if _role(n) == "forget"}
+    others = {n: r for n, r in result.metrics.items() if _role(n) != "forget"}
+    if forget:
+        table = _table(title, ("metric", "target", "tgt q", "retrain", "pre", "post", "gap", "recov"))
+        for name, row in forget.items():
+            flag = " *" if sep is not None and (m := sep.of(name)) is not None and m.separated is False else ""
+            table.add_row(escape(name) + flag, _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.retrain),
+                          _fmt(row.pre), _fmt(row.post), _fmt(row.gap), _fmt(row.recovery, pct=True))
+        console.print(table)
+        _print_controlled(console, result)
+    if others:
+        # Utility, floor and raw metrics have no forgetting to recover: only their change under quantization.
+        table = _table("utility and reference metrics: change under quantization" if forget else title,
+                       ("metric", "target", "tgt q", "tgt Δq", "retrain", "pre", "post", "Δq"))
+        for name, row in others.items():
+            table.add_row(escape(name), _fmt(row.target_pre), _fmt(row.target_post), _fmt(row.target_change),
+                          _fmt(row.retrain), _fmt(row.pre), _fmt(row.post), _fmt(row.gap))
+        console.print(table)
     if note := result.resolved.get("task", {}).get("note"):
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
     _print_audit(console, result)
@@ -51,10 +69,16 @@ def print_result(console: Console, result: RunResult, path: Path | None = None) 
         f"from quantized target {_fmt(d.quantized_disagreement, pct=True)}"
     )
     console.print("target/tgt q = target at full precision/quantized; pre/post = unlearned model at full "
-                  "precision/quantized; gap = post-pre; recov = (post-pre)/(target-pre), the papers' figure.")
-    notes = {n: r.recovery_note for n, r in result.metrics.items() if r.recovery_note}
+                  "precision/quantized; gap = post-pre; recov = (post-pre)/(target-pre), the papers' figure, for forget metrics only; "
+                  "Δq = change under quantization (post-pre; tgt Δq = tgt q - target)."
+                  + (" * = not separated: the target does not remember this metric measurably more than a model "
+                     "that never saw the forget set."
+                     if any(m.separated is False for m in (sep.metrics if sep else [])) else ""))
+    if sep is not None and sep.status == "separated":
+        console.print(f"separation: {escape(sep.message)}")
+    notes = {n: r.recovery_note for n, r in forget.items() if r.recovery_note}
     for name, note in notes.items():
-        console.print(f"  {name}: recovery {note}")
+        console.print(f"  {escape(name)}: recovery {escape(note)}")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     console.print(f"timings: {timings}")
     if path is not None:
@@ -73,7 +97,7 @@ def _print_controlled(console: Console, result: RunResult) -> None:
     for col in ("forget metric", "retrain q", "position pre", "position post", "recovered"):
         table.add_column(col, justify="left" if col == "forget metric" else "right", no_wrap=True)
     for name, row in rows:
-        table.add_row(name, _fmt(row.retrain_post), _pos(row.position_pre), _pos(row.position_post),
+        table.add_row(escape(name), _fmt(row.retrain_post), _pos(row.position_pre), _pos(row.position_post),
                       _fmt(row.controlled_recovery, pct=True))
     console.print(table)
     console.print("recovered = (position post - position pre) / (1 - position pre): the share of the "
@@ -81,7 +105,7 @@ def _print_controlled(console: Console, result: RunResult) -> None:
                   "removed (0% = survives, 100% = fully undone).")
     for name, row in rows:
         if row.controlled_recovery_note:
-            console.print(f"  {name}: recovered {escape(row.controlled_recovery_note)}")
+            console.print(f"  {escape(name)}: recovered {escape(row.controlled_recovery_note)}")
 
 
 def _pos(value) -> str:
@@ -89,7 +113,7 @@ def _pos(value) -> str:
 
 
 def _print_audit(console: Console, result: RunResult) -> None:
-    """An audit's checkpoint and notes, and the separation check (whether recovery means anything)."""
+    """An audit's checkpoint and its notes."""
     external = (result.resolved.get("method") or {}).get("external")
     if isinstance(external, dict):
         where = external.get("hub_id") or external.get("path")
@@ -99,10 +123,21 @@ def _print_audit(console: Console, result: RunResult) -> None:
                       highlight=False)
     for note in (result.resolved.get("audit") or {}).get("notes", []):
         console.print(f"[yellow]note[/yellow]: {escape(str(note))}")
-    separation = result.resolved.get("separation")
-    if isinstance(separation, dict) and separation.get("sentence"):
-        colour = "green" if separation.get("separated") else "bold yellow"
-        console.print(f"[{colour}]separation: {escape(str(separation['sentence']))}[/{colour}]")
+
+
+def _role(name: str) -> str:
+    metric = metric_catalog.BY_NAME.get(name)
+    return metric.role if metric is not None else "raw"
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        if col == "metric":
+            table.add_column(col, no_wrap=True, min_width=15)  # names must stay readable on 80 columns
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    return table
 
 
 def _sci(value) -> str:

@@ -1,14 +1,22 @@
-"""The score stage: pre/post/gap/recovery per metric, the mechanism diagnostics, and the separation
-check that says whether recovery figures mean anything at all."""
+"""The score stage: pre/post/gap/recovery per metric, whether the run can show forgetting at all
+(`separation`), and the mechanism diagnostics."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qubench.evaluation.measure import Measured
 from qubench import metric_catalog
-from qubench.results import Diagnostics, MetricRow, catalogued_row
+from qubench.results import Diagnostics, MetricRow, MetricSeparation, Separation, catalogued_row
+
+#: The least margin by which the target must remember a forget metric more than a model that never saw
+#: the forget set, per view, in the metric's own points (all are x100 scales). Generation (VerbMem,
+#: KnowMem: ROUGE-L F1 x100): models that never saw a probe set score within ~1.6 points of each other on
+#: it (reference grid, VerbMem on holdout text: target 25.2, retrain 25.3, the target quantized at 3-8
+#: bits 24.3-25.9), so 5 points is well outside that. Classification (label accuracy x100): one post of 30
+#: is 3.3 points, so 5 points is two posts. Membership (PrivLeak) is not checked: it is already a
+#: comparison with the retrain model.
+SEPARATION_THRESHOLD: dict[metric_catalog.View, float] = {"generation": 5.0, "classification": 5.0}
 
 
 def score(measured: Measured) -> dict[str, MetricRow]:
@@ -24,6 +32,82 @@ def score(measured: Measured) -> dict[str, MetricRow]:
                              get("target_post", name), get("retrain", name), get("retrain_post", name))
         for name in metric_catalog.names() if name in measured_names
     }
+
+
+def separation(measured: Measured) -> Separation:
+    """Whether the target remembers the forget set measurably more than a model that never saw it, per
+    forget metric of the views in SEPARATION_THRESHOLD (roles and directions from the metric catalogue).
+
+    The reference is the retrain model when one was measured, else the target's own score on the
+    metric's floor (the same kind of probe on never-trained data: VerbMem on holdout text, accuracy on
+    never-trained posts). A run none of whose metrics separates cannot show forgetting or recovery: its
+    unlearned model has nothing to forget that the retrain model does not also "know".
+
+    `measured.by_model` needs "target_pre" (the target at full precision) and, if measured, "retrain";
+    other models are not read (so `qubench audit` can call it on a target/retrain pair alone)."""
+    target = measured.by_model.get("target_pre") or {}
+    retrain = measured.by_model.get("retrain") or {}
+    checks = []
+    for metric in metric_catalog.METRICS:
+        if (metric.role != "forget" or metric.view not in SEPARATION_THRESHOLD or metric.memorised == 0
+                or target.get(metric.name) is None):
+            continue
+        ref, kind, ref_metric = None, None, None
+        if retrain.get(metric.name) is not None:
+            ref, kind, ref_metric = retrain[metric.name], "retrain", metric.name
+        elif metric.floor is not None and target.get(metric.floor) is not None:
+            ref, kind, ref_metric = target[metric.floor], "floor", metric.floor
+        threshold = SEPARATION_THRESHOLD[metric.view]
+        margin = None if ref is None else (target[metric.name] - ref) * metric.memorised
+        checks.append(MetricSeparation(metric=metric.name, view=metric.view, target=target[metric.name],
+                                       reference=ref, reference_kind=kind, reference_metric=ref_metric,
+                                       margin=margin, threshold=threshold,
+                                       separated=None if margin is None else margin >= threshold))
+    return _verdict(checks)
+
+
+def _verdict(checks: list[MetricSeparation]) -> Separation:
+    checked = [c for c in checks if c.separated is not None]
+    apart = [c for c in checked if c.separated]
+    close = [c for c in checked if not c.separated]
+    if not checked:
+        return Separation(status="unchecked", metrics=checks, message=(
+            "separation unchecked: no retrain model and no never-trained floor to compare the target with, so "
+            "nothing shows that the target remembers the forget set at all"))
+    if not apart:
+        return Separation(status="not separated", metrics=checks, message=(
+            f"the target does not remember the forget set measurably more than {_evidence(close)}: this run "
+            "cannot show forgetting or recovery"))
+    if close:
+        names = " and ".join(c.metric for c in close)
+        return Separation(status="partly separated", metrics=checks, message=(
+            f"on {names} the target does not remember the forget set measurably more than {_evidence(close)}, "
+            f"so the gap and recovery of {names} carry no information; "
+            f"{' and '.join(c.metric for c in apart)} separate{'s' if len(apart) == 1 else ''}"))
+    return Separation(status="separated", metrics=checks, message=(
+        f"the target remembers the forget set measurably more than {_evidence(apart)}"))
+
+
+def _evidence(checks: list[MetricSeparation]) -> str:
+    """'the retrain model (verbmem_f 1.4 vs 0.9, knowmem_f 0.0 vs 0.0; at least 5 points needed)', or
+    'its own score on never-trained probes (verbmem_f 76.6 vs verbmem_holdout 24.0; ...)'."""
+    refs = " or ".join(dict.fromkeys("the retrain model" if c.reference_kind == "retrain"
+                                     else "its own score on never-trained probes" for c in checks))
+    values = ", ".join(f"{c.metric} {c.target:.1f} vs "
+                       f"{'' if c.reference_kind == 'retrain' else c.reference_metric + ' '}{c.reference:.1f}"
+                       for c in checks)
+    needed = " / ".join(dict.fromkeys(f"{c.threshold:g}" for c in checks))
+    return f"{refs} ({values}; at least {needed} points needed)"
+
+
+def separation_from_rows(rows: dict[str, MetricRow]) -> Separation:
+    """`separation` of a stored result, from its rows' target and retrain values (the numbers the
+    pipeline derived it from): for result files written before the check existed, and to check a
+    stored separation against its numbers."""
+    by_model = {"target_pre": {n: r.target_pre for n, r in rows.items()}}
+    if any(r.retrain is not None for r in rows.values()):
+        by_model["retrain"] = {n: r.retrain for n, r in rows.items()}
+    return separation(Measured(by_model, auc_reference={}))
 
 
 def diagnostics_for(quant, target_dir: Path, unlearned_dir: Path, q_target: Path, q_unlearned: Path) -> Diagnostics:
@@ -50,61 +134,3 @@ def diagnostics_for(quant, target_dir: Path, unlearned_dir: Path, q_target: Path
         quantized_disagreement=disagreement,
         extra={k: v for k, v in deltas.items() if k not in ("mean_abs_delta", "max_abs_delta")},
     )
-
-
-#: The separation check's threshold, in points of the task's forget metric (ROUGE-L F1 x100 or label
-#: accuracy x100): the target must score at least this much above its reference. Below it the target
-#: does not measurably remember the forget set, so "the share of the forgetting that quantization
-#: undoes" refers to no forgetting. 5 points: the muse-news-mini recipe that barely separated
-#: (VerbMem_f 14.4 vs 12.8, README) fails it; the shipped recipes (76.6 vs 24.8, 50.0 vs 10.4) and
-#: MUSE's own 7B pairs pass it by far.
-SEPARATION_THRESHOLD = 5.0
-
-
-@dataclass(frozen=True)
-class Separation:
-    """Does the target remember the forget set measurably more than its reference: the retrain model,
-    or without one, the target itself on never-trained text of the same kind (the floor metric)?"""
-
-    metric: str | None          # the task's forget metric (the first of metric_catalog.HEADLINES measured)
-    target: float | None        # the target's value at full precision
-    reference: float | None
-    reference_label: str        # what `reference` is, in words
-    threshold: float = SEPARATION_THRESHOLD
-
-    @property
-    def margin(self) -> float | None:
-        return None if self.target is None or self.reference is None else self.target - self.reference
-
-    @property
-    def separated(self) -> bool:
-        return self.margin is not None and self.margin >= self.threshold
-
-    def sentence(self) -> str:
-        if self.margin is None:
-            return f"not measurable ({self.reference_label}), so recovery figures carry no information."
-        cmp, verdict = (">=", "it remembers the forget set, so recovery figures are informative") if self.separated \
-            else ("<", "it does not remember the forget set measurably more, so recovery figures carry no information")
-        return (f"the target scores {self.target:.1f} on {self.metric} against {self.reference:.1f} for "
-                f"{self.reference_label} (margin {self.margin:.1f} {cmp} {self.threshold:g} points): {verdict}.")
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "margin": self.margin, "separated": self.separated, "sentence": self.sentence()}
-
-
-def separation(measured: Measured, threshold: float = SEPARATION_THRESHOLD) -> Separation:
-    """The separation check on full-precision measurements (`target_pre`, and `retrain` when measured)."""
-    target = measured.by_model.get("target_pre", {})
-    retrain = measured.by_model.get("retrain")
-    headline = next((h for h in metric_catalog.HEADLINES if target.get(h.forget) is not None), None)
-    if headline is None:
-        return Separation(None, None, None, "the target has no forget metric measured", threshold)
-    name = headline.forget
-    if retrain is not None and retrain.get(name) is not None:
-        return Separation(name, target[name], retrain[name], "the retrain model", threshold)
-    view = metric_catalog.get(name).view
-    floor = next((m.name for m in metric_catalog.METRICS if m.role == "floor" and m.view == view), None)
-    if floor is None or target.get(floor) is None:
-        return Separation(name, target[name], None, "no retrain model and no holdout metric measured", threshold)
-    return Separation(name, target[name], target[floor], f"the target on never-trained holdout text, {floor}",
-                      threshold)

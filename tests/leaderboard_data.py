@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qubench import pipeline, results
-from qubench.results import RunResult, metric_row
+from qubench.results import RunResult, catalogued_row
 from qubench.specs import PluginRef, RunSpec
 
 TASK = PluginRef(name="synth-news", params={"size": "micro"})
@@ -28,9 +28,9 @@ def make_result(method: str, quant: str = "rtn-4bit", seed: int = 0, *, forget=(
     spec = RunSpec(task=TASK, method=PluginRef(name=method, params=method_params or {}),
                    quant=PluginRef(name=quant), seed=seed, eval_limit=2)
     metrics = {
-        "verbmem_f": metric_row(pre, post, t_pre, t_pre + 1.0, 5.0, retrain_post=6.0),
-        "knowmem_f": metric_row(pre / 2, post / 2, t_pre / 2, t_pre / 2, 3.0),
-        "knowmem_r": metric_row(u_pre, u_post, u_tpre, u_tpost, 45.0),
+        "verbmem_f": catalogued_row("verbmem_f", pre, post, t_pre, t_pre + 1.0, 5.0, retrain_post=6.0),
+        "knowmem_f": catalogued_row("knowmem_f", pre / 2, post / 2, t_pre / 2, t_pre / 2, 3.0),
+        "knowmem_r": catalogued_row("knowmem_r", u_pre, u_post, u_tpre, u_tpost, 45.0),
     }
     return RunResult(
         run_id=spec.run_id(), status="ok", spec=spec, metrics=metrics,

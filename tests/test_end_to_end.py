@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -105,3 +108,55 @@ def test_show_rejects_a_malformed_file(tmp_path):
     bad.write_text('{"run_id": "x"}')
     res = CliRunner().invoke(main, ["show", str(bad)])
     assert res.exit_code == 2 and "not a valid qubench result" in res.output
+
+
+#: What other libraries print during a run unless qubench silences them (qubench.quiet).
+THIRD_PARTY_NOISE = ("Applying quantization config", "Compressing model", "Dispatching model", "Decompressing model",
+                     "Running generate_until requests", "Running loglikelihood requests", "it/s]", "\r",
+                     "fatal: not a git repository")
+
+
+def test_a_target_that_never_saw_the_forget_set_says_it_cannot_show_forgetting(first_run, tmp_path):
+    """The retrain model (trained on retain only) as the target: it does not remember the forget set more
+    than the retrain model, so the run must say first that it cannot show forgetting, and record it in the
+    JSON and `qubench show`. Run as a user would: a subprocess outside any git checkout, stderr not a
+    terminal (a CI log): every stage logs its start and end or that it was cached, the unlearning loop
+    logs plain lines with the time left, and no other library's bars or git errors get through, even
+    with TQDM_DISABLE unset."""
+    root, out = first_run
+    retrain = out["resolved"]["models"]["retrain"]["id"]
+    env = {**os.environ, "QUBENCH_HOME": str(root / "home"), "OMP_NUM_THREADS": "1", "QUBENCH_PROGRESS_INTERVAL": "0"}
+    env.pop("TQDM_DISABLE", None)
+    proc = subprocess.run([sys.executable, "-m", "qubench", "run", *MICRO, "--model", retrain, "--retrain-model",
+                           retrain, "--results", str(tmp_path / "r")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert " ".join(proc.stdout.split()).startswith(
+        "NO SEPARATION: the target does not remember the forget set measurably more than the retrain model "
+        "(verbmem_f ")
+    assert "this run cannot show forgetting or recovery" in " ".join(proc.stdout.split())
+
+    lines = proc.stderr.splitlines()
+    for noise in THIRD_PARTY_NOISE:
+        assert noise not in proc.stderr, f"{noise!r} reached stderr:\n{proc.stderr}"
+    for activity in ("preparing task data (synth-news)", "preparing target and retrain models", "unlearning with ga_gdr",
+                     "quantizing target with rtn-4bit", "quantizing unlearned with rtn-4bit", "evaluating retrain",
+                     "evaluating target", "evaluating target/rtn-4bit", "evaluating unlearned",
+                     "evaluating unlearned/rtn-4bit", "computing weight diagnostics"):
+        assert any(line.startswith(activity) and line.endswith((" s", ": cached", ": found")) for line in lines), (
+            f"no end line for {activity}:\n{proc.stderr}")
+    started = [line[:-len(" ...")] for line in lines if line.endswith(" ...")]
+    assert "unlearning with ga_gdr" in started and "evaluating unlearned/rtn-4bit" in started
+    for activity in started:
+        assert any(line.startswith(f"{activity}: done in ") for line in lines)
+    assert any(line.startswith("  unlearning (ga_gdr): 1/") and " left, loss " in line for line in lines)
+    assert all(line.startswith(("  ", *started)) or line.endswith((": cached", ": found")) for line in lines), lines
+
+    (saved,) = (tmp_path / "r").glob("*.json")
+    stored = json.loads(saved.read_text())
+    assert stored["separation"]["status"] == "not separated"
+    check = next(c for c in stored["separation"]["metrics"] if c["metric"] == "verbmem_f")
+    assert (check["reference_kind"], check["margin"], check["separated"]) == ("retrain", 0.0, False)
+    shown = CliRunner().invoke(main, ["show", str(saved)])
+    assert shown.exit_code == 0 and shown.output.startswith("NO SEPARATION")
+    assert "recov" not in shown.output.split("utility and reference metrics")[1].split("mean |Δw|")[0]

@@ -183,7 +183,17 @@ def reference(tmp_path_factory):
     finally:
         mp.undo()
     assert res.exit_code == 0, res.output
+    (root / "stderr.txt").write_text(res.stderr)
     return root, spec, json.loads(res.stdout)
+
+
+def test_a_grid_prints_no_progress_bars_of_other_libraries(reference):
+    """compressed-tensors' and lm-eval's bars (drawn with an explicit disable=False, so TQDM_DISABLE cannot
+    reach them) never reach a grid's stderr: it quantized and evaluated 4 cells."""
+    from test_end_to_end import THIRD_PARTY_NOISE
+
+    stderr = (reference[0] / "stderr.txt").read_text()
+    assert not [noise for noise in THIRD_PARTY_NOISE if noise in stderr], stderr
 
 
 def test_grid_writes_one_result_per_cell_an_aggregate_and_seeds_vary_the_target(reference):

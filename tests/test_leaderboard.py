@@ -66,17 +66,17 @@ def test_a_known_answer_control_is_labelled_and_never_ranked(tree):
     assert control.forget.mean("controlled_recovery") == pytest.approx(1.0)  # quantized onto the quantized target
     assert [r.method for r in rtn][:3] == ["target", "retrain", "ga_gdr+inbucket"]  # pinned with the baselines
     frame = table.to_frame(rtn).set_index("method")
-    assert bool(frame.loc["ga_gdr+inbucket", "control"]) and frame.loc["npo", "rank"] == 1
+    assert bool(frame.loc["ga_gdr+inbucket", "control"]) and frame.loc["npo", "rank"] == "1"
 
 
 def test_the_utility_gate_uses_the_metric_the_task_declares(tmp_path):
     """synth-news declares VerbMem on retain (its tiny models answer no question): a method that keeps
     KnowMem_r but wrecks VerbMem_r is not ranked, and the page names the metric it used."""
-    from qubench.results import metric_row
+    from qubench.results import catalogued_row
 
     def declared(method, verbmem_r):
         result = make_result(method, forget=(40.0, 10.0, 12.0) if method != "target" else (40.0, 40.0, 41.0))
-        result.metrics["verbmem_r"] = metric_row(*verbmem_r, 5.0)  # pre, post, target_pre, target_post
+        result.metrics["verbmem_r"] = catalogued_row("verbmem_r", *verbmem_r, 5.0)  # pre, post, target_pre/post
         result.resolved["task"] = {"name": "synth-news", "utility_metric": "verbmem_r"}
         return result
 
@@ -150,6 +150,23 @@ def test_reproduce_command_recreates_the_same_spec(tree, monkeypatch):
     assert args[:2] == ["qubench", "run"]
     CliRunner().invoke(main, args[1:])
     assert captured["spec"].run_id() == result.run_id
+
+
+def test_baseline_rows_show_an_empty_rank_and_a_baseline_label(tree):
+    """A missing rank used to reach the page as a null number, which the table draws as "None"."""
+    import csv
+    import io
+
+    _, rows = _rows(tree)
+    frame = table.to_frame(rows)
+    rtn = frame[frame.quantizer == "rtn-4bit"]
+    assert list(zip(rtn["method"], rtn["rank"])) == [("target", ""), ("retrain", ""), ("npo", "1"), ("ga", "2"),
+                                                    ("ga_klr", "")]
+    assert list(rtn["standing"][:2]) == ["baseline (target)", "baseline (retrain)"]
+    assert not frame["rank"].isna().any() and "None" not in set(frame["rank"])
+    shown = list(csv.DictReader(io.StringIO(table.to_csv(frame).decode())))
+    assert [(r["method"], r["rank"]) for r in shown if r["quantizer"] == "rtn-4bit"][:3] == [
+        ("target", ""), ("retrain", ""), ("npo", "1")]
 
 
 def test_csv_download_neutralises_spreadsheet_formulas(tree):
@@ -239,6 +256,8 @@ def test_detail_page_opens_with_spec_diagnostics_command_and_download(tree, monk
     diag = next(d.value for d in at.dataframe if "diagnostic" in d.value.columns)
     assert "mean quantization step" in set(diag["diagnostic"])
     assert len(at.get("download_button")) == 1
+    assert any(t.value.startswith("separated: the target remembers the forget set measurably more than the "
+                                  "retrain model (verbmem_f 40.0 vs 5.0") for t in at.text)
     at.button(key="back").click().run()
     assert at.title[0].value == "qubench leaderboard"
 

@@ -200,3 +200,22 @@ def test_muse_news_mini_micro_run_says_it_is_a_replica(shared_data, tmp_path, mo
     assert result.resolved["privleak_reference"]["source"] == "retrain model evaluated"
     assert result.metrics["verbmem_f"].target_pre is not None and result.metrics["knowmem_f"].pre is not None
     assert set(result.data_hashes) >= {"verbmem/forget.json", "raw/forget.txt"}
+
+
+@pytest.mark.parametrize("source, corpus", [
+    ("muse-bench/MUSE-News", "MUSE-News"), ("muse-bench/MUSE-Books", "MUSE-Books"),
+    ("/data/muse/data/books", "MUSE-Books"), ("/hf/datasets--muse-bench--MUSE-Books/snapshots/abc", "MUSE-Books"),
+    ("/data/muse/news", "MUSE-News")])
+def test_muse_news_mini_note_names_the_corpus_it_reads(source, corpus):
+    """muse-news-mini built from MUSE-Books files is a Books replica: its note must say so (it used to
+    say "scaled-down replica of MUSE-News" whatever the source)."""
+    note = registry.create("tasks", "muse-news-mini", {"source": source}).note
+    other = ({"MUSE-News", "MUSE-Books"} - {corpus}).pop()
+    assert f"built from {corpus} ({source})" in note and other not in note
+    assert "not MUSE's numbers" in note
+
+
+def test_muse_news_mini_note_claims_no_corpus_its_source_does_not_name():
+    note = registry.create("tasks", "muse-news-mini", {"source": "/data/my-muse-copy"}).note
+    assert "MUSE-News" not in note and "MUSE-Books" not in note
+    assert "the MUSE-layout files at /data/my-muse-copy" in note

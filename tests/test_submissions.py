@@ -20,7 +20,7 @@ from qubench.cli import main
 from qubench.leaderboard import ranking
 from qubench.leaderboard.data import load_board
 from qubench.leaderboard.rows import build_rows
-from qubench.results import metric_row
+from qubench.results import catalogued_row
 from qubench.submissions import integrity, schema
 from qubench.submissions.validate import validate
 
@@ -152,7 +152,7 @@ def _tampered_copy(submitted: Path, tmp_path: Path) -> tuple[Path, Path]:
     (cell,) = (copy / "results" / "cells").glob("*.json")
     data = json.loads(cell.read_text())
     m = data["metrics"]["knowmem_r"]
-    m.update(metric_row(m["pre"] + 20, m["post"] + 20, m["target_pre"], m["target_post"], m["retrain"]).model_dump())
+    m.update(catalogued_row("knowmem_r", m["pre"] + 20, m["post"] + 20, m["target_pre"], m["target_post"], m["retrain"]).model_dump())
     cell.write_text(json.dumps(data, indent=2))
     return copy, cell
 

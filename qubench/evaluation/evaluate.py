@@ -202,11 +202,19 @@ def _tokenizer_path(tokenizer) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """Hide lm-eval's per-task INFO/WARNING chatter (e.g. the --limit and custom-kwargs notices)."""
+    """Hide lm-eval's per-task INFO/WARNING chatter (e.g. the --limit and custom-kwargs notices), and its
+    `git describe --always` of the working directory: simple_evaluate records the git hash of whatever
+    folder the user runs from (not lm-eval's, not qubench's: qubench records its own commit in the
+    result's environment), and outside a checkout git prints "fatal: not a git repository" straight to
+    the terminal. lm-eval has no setting for either; its progress bars: qubench.quiet."""
+    import lm_eval.evaluator
+
     logger = logging.getLogger("lm_eval")
-    old = logger.level
+    old, git_hash = logger.level, lm_eval.evaluator.get_git_commit_hash
     logger.setLevel(logging.ERROR)
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
         logger.setLevel(old)
+        lm_eval.evaluator.get_git_commit_hash = git_hash

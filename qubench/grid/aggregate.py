@@ -1,5 +1,8 @@
 """Per (task, method, quantizer): the mean over seeds with a 95% interval for every metric's values,
-gap and both recoveries, and recovery verdicts.
+gap (and the target's own change) and, for forget metrics, both recoveries and a recovery verdict.
+Utility, floor and raw metrics have no recovery: their verdict is "not applicable"; a forget metric on
+which some seed's target does not remember the forget set measurably more than the retrain model
+(qubench.scoring.separation) gets "target not separated".
 
 Recoveries (the paper's and the damage-controlled one) get the hierarchical, paired bootstrap of
 `qubench.grid.bootstrap` (seeds and probes resampled; meaningful with one seed too) whenever every seed
@@ -29,11 +32,12 @@ from qubench import metric_catalog, results, store
 from qubench.grid import bootstrap
 from qubench.results import RunResult
 
-# 1.1: damage-controlled recovery and the method of every interval.
+#: 1.1: damage-controlled recovery and the method of every interval; target_change, the verdicts "not
+#: applicable" (non-forget metrics) and "target not separated", and `not_separated`; 1.0 files still load.
 AGGREGATE_SCHEMA_VERSION = "1.1"
 FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "retrain_post",
-          "position_pre", "position_post", "controlled_recovery")
-Verdict = Literal["recovers", "does not recover", "undetermined"]
+          "position_pre", "position_post", "controlled_recovery", "target_change")
+Verdict = Literal["recovers", "does not recover", "undetermined", "not applicable", "target not separated"]
 #: The share of the forgetting that counts as "recovered" for a verdict (see the module docstring).
 RECOVERY_MARGIN = 0.10
 SEED_BOOTSTRAP = "percentile bootstrap of the mean over seeds"
@@ -54,8 +58,11 @@ class Estimate(Strict):
 class MetricAggregate(Strict):
     values: dict[str, Estimate | None]   # per FIELDS entry; None where no seed had a value
     recovery_verdict: Verdict            # from the damage-controlled recovery (module docstring)
-    recovery_undefined: int = 0          # seeds whose recovery was undefined (see their recovery_note)
+    recovery_undefined: int = 0          # forget metric: seeds whose recovery was undefined (see recovery_note)
     controlled_undefined: int = 0        # likewise for the damage-controlled recovery
+    #: forget metric: seeds whose target does not remember it measurably more than the retrain model
+    #: (qubench.scoring.separation): their gap and recovery carry no information
+    not_separated: int = 0
 
 
 class RowAggregate(Strict):
@@ -173,14 +180,26 @@ def aggregate(cells, results_dir: Path, grid: dict, confidence: float = 0.95, re
         names = list(dict.fromkeys(name for _, r in ok for name in r.metrics))
         for name in names:
             metric_rows = [r.metrics[name] for _, r in ok if name in r.metrics]
-            values = metric_estimates([r for _, r in ok], name, confidence, resamples, seed)
-            row.metrics[name] = MetricAggregate(
-                values=values, recovery_verdict=verdict(values["controlled_recovery"]),
-                recovery_undefined=sum(m.recovery is None for m in metric_rows),
-                controlled_undefined=sum(m.controlled_recovery is None for m in metric_rows))
+            runs = [r for _, r in ok if name in r.metrics]
+            row.metrics[name] = _metric_aggregate(name, metric_estimates(runs, name, confidence, resamples, seed),
+                                                  metric_rows, runs)
         rows.append(row)
     return GridAggregate(grid=grid, confidence=confidence, bootstrap_resamples=resamples, bootstrap_seed=seed,
                          rows=rows, failures=failures)
+
+
+def _metric_aggregate(name: str, values: dict, metric_rows: list, runs: list) -> MetricAggregate:
+    metric = metric_catalog.BY_NAME.get(name)
+    if metric is None or metric.role != "forget":  # a utility metric has no forgetting to recover
+        return MetricAggregate(values=values, recovery_verdict="not applicable")
+    not_separated = sum(1 for r in runs if r.separation is not None
+                        and (m := r.separation.of(name)) is not None and m.separated is False)
+    return MetricAggregate(values=values,
+                           recovery_verdict=("target not separated" if not_separated
+                                             else verdict(values["controlled_recovery"])),
+                           recovery_undefined=sum(m.recovery is None for m in metric_rows),
+                           controlled_undefined=sum(m.controlled_recovery is None for m in metric_rows),
+                           not_separated=not_separated)
 
 
 def save(agg: GridAggregate, path: Path) -> None:

@@ -191,12 +191,19 @@ def detail_page(board: Board, run: Run) -> None:
         st.code(f"{result.error.stage}: {result.error.type}: {result.error.message}\n\n{result.error.traceback}",
                 language=None)
 
+    if result.separation is not None:
+        st.subheader("Can this run show forgetting?")
+        st.caption("Only if its target remembers the forget set measurably more than the retrain model (or, "
+                   "without one, than never-trained text): the separation check.")
+        st.text(f"{result.separation.status}: {result.separation.message}")  # file text: never Markdown
+
     st.subheader("Metrics")
     st.caption("pre/post: the unlearned model before/after quantization; target_pre/target_post: the target "
                "before/after; retrain/retrain_post: the model never trained on the forget set, before/after; "
-               "gap = post - pre; recovery = gap / (target_pre - pre) (the papers' figure); position = where a "
-               "model sits between retrain (0) and target (1) at the same precision; controlled_recovery = "
-               "(position_post - position_pre) / (1 - position_pre).")
+               "gap = post - pre; target_change = target_post - target_pre; recovery = gap / (target_pre - pre) "
+               "(the papers' figure); position = where a model sits between retrain (0) and target (1) at the "
+               "same precision; controlled_recovery = (position_post - position_pre) / (1 - position_pre). "
+               "Recoveries are for forget metrics only (utility metrics have nothing to recover: their change is gap).")
     st.dataframe(pd.DataFrame(detail.metrics_rows(result)), hide_index=True, key="metrics")
 
     st.subheader("Diagnostics: weight deltas vs the quantization step")

@@ -23,7 +23,9 @@ RULE = (
     f"{FORGETTING_MARGIN:.0%} of the way from the target to the retrain model) and whose utility after "
     "quantization (the task's utility metric: KnowMem on retain for MUSE, VerbMem on retain for the CPU-scale "
     f"tasks whose tiny models answer no question; test accuracy for classification) stays within {UTILITY_MARGIN:.0%} "
-    "of the quantized target's are ranked; the others are listed without a rank, with the reason. The target and "
+    "of the quantized target's are ranked; nor are rows whose target does not remember the forget metric "
+    "measurably more than the retrain model (the separation column): they cannot show forgetting. The others "
+    "are listed without a rank, with the reason. The target and "
     "retrain rows are baselines and known-answer controls (e.g. +inbucket) are controls: both pinned at the top "
     "of their setting and never ranked. Checkpoints audited with `qubench audit` (method external:NAME: models "
     "unlearned elsewhere) are listed apart and never ranked, unless they come from a submission. Filters hide "
@@ -85,6 +87,8 @@ def rank(rows: list[Row]) -> list[Row]:
             ok, why = forgetting_ok(r)
             if ok:
                 ok, why = utility_ok(r)
+            if ok and r.separated is False:
+                ok, why = False, "unranked: target not separated from retrain (see separation)"
             (eligible if ok else unranked).append(r)
             r.standing = why
         eligible.sort(key=lambda r: (r.forget.mean("controlled_recovery"), _or_inf(r.forget.mean("post")),

@@ -67,6 +67,10 @@ class Row(Strict):
     baseline: bool
     control: bool = False       # a known-answer control (e.g. +inbucket): shown, labelled, never ranked
     audited: bool = False       # a checkpoint audited with `qubench audit`, not submitted: listed apart, never ranked
+    #: Whether every seed's target remembers the forget metric measurably more than the retrain model
+    #: (qubench.scoring.separation): False rows cannot show forgetting and are not ranked; None: unchecked.
+    separated: bool | None = None
+    separation: str = ""
     rank: int | None = None
     standing: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -177,4 +181,27 @@ def _row(source: Source, runs: list[Run]) -> Row:
         control=bool((resolved.get("method") or {}).get("control")),
         # An audit is shown apart from the plugin methods unless its authors submitted it.
         audited=spec.audit is not None and source.kind != "submission",
+        **_separation(runs, view.forget if view else None),
     )
+
+
+def _separation(runs: list[Run], metric: str | None) -> dict:
+    """The row's separation on its forget metric, over its seeds (each seed trains its own target)."""
+    if metric is None:
+        return {"separated": None, "separation": "unchecked: no forget metric"}
+    checks = [(r.result.spec.seed, r.result.separation.of(metric) if r.result.separation else None) for r in runs]
+    failing = [(seed, c) for seed, c in checks if c is not None and c.separated is False]
+    if failing:
+        seed, c = failing[0]
+        ref = "retrain" if c.reference_kind == "retrain" else (c.reference_metric or "floor")
+        seeds = ", ".join(str(s) for s, _ in failing)
+        return {"separated": False, "separation": (
+            f"NOT separated: target {metric} {c.target:.1f} vs {ref} {c.reference:.1f} (< {c.threshold:g} points "
+            f"apart; seed{'s' if len(failing) > 1 else ''} {seeds}): cannot show forgetting")}
+    if checks and all(c is not None and c.separated for _, c in checks):
+        c = checks[0][1]
+        ref = "retrain" if c.reference_kind == "retrain" else c.reference_metric
+        return {"separated": True, "separation": (
+            f"separated: target {metric} {c.target:.1f} vs {ref} {c.reference:.1f}"
+            + (f" (seed {checks[0][0]}; all {len(checks)} seeds separate)" if len(checks) > 1 else ""))}
+    return {"separated": None, "separation": f"unchecked: nothing to compare the target's {metric} with"}

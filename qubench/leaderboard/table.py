@@ -18,7 +18,7 @@ class Column:
 
 
 COLUMNS = [
-    Column("rank", "rank", "int", "Position within the setting by the ranking rule above; empty for baselines and unranked rows."),
+    Column("rank", "rank", "text", "Position within the setting by the ranking rule above; empty for baselines and unranked rows."),
     Column("standing", "standing", "text", "Baseline, ranked, or why the row is not ranked."),
     Column("method", "method", "text", "The unlearning method's registered name (BASE+MOD for compositions)."),
     Column("composition", "composition", "text", "Base loss and modifiers of a composed method; empty for plain methods."),
@@ -33,6 +33,7 @@ COLUMNS = [
     Column("engine", "engine", "text", "The evaluation engine and its library versions."),
     Column("evaluation", "evaluation", "text", "Evaluation settings: dtype, batch size, and a probe limit if one was set."),
     Column("seeds", "seeds", "text", "Seeds averaged in this row."),
+    Column("separation", "separation", "text", "Whether the target remembers the forget metric measurably more than the retrain model (or never-trained text): a row that does not cannot show forgetting or recovery and is not ranked."),
     Column("forget_metric", "forget metric", "text", "The metric that measures what is left of the forget set."),
     Column("forget_pre", "forget pre", "number", "Forget metric of the unlearned model at full precision (lower = more forgotten)."),
     Column("forget_post", "forget post", "number", "Forget metric of the unlearned model after quantization: what the ranking uses."),
@@ -58,7 +59,9 @@ COLUMNS = [
     Column("utility_metric", "utility metric", "text", "The metric of what the model must keep (retain knowledge or test accuracy)."),
     Column("utility_pre", "utility pre", "number", "Utility of the unlearned model at full precision (higher = better)."),
     Column("utility_post", "utility post", "number", "Utility of the unlearned model after quantization."),
+    Column("utility_change", "utility change", "number", "post - pre: the unlearned model's utility change under quantization (a utility metric has no recovery)."),
     Column("utility_target_post", "target utility (q)", "number", "Utility of the target quantized the same way: the ranking's reference."),
+    Column("utility_target_change", "target utility change", "number", "The target's own utility change under quantization."),
     Column("badge", "verified", "text", "reference: the project's own run; verified: re-run by `qubench verify` and matched; else not verified."),
     Column("source", "source", "text", "Where the row comes from: the reference grid, a submission or a results folder."),
     Column("date", "date", "date", "When the newest of the row's runs finished."),
@@ -69,6 +72,12 @@ HIDDEN = ("key", "runs", "recovery_low", "recovery_high", "controlled_low", "con
 
 def _mean(stats: MetricStats | None, field: str) -> float | None:
     return stats.mean(field) if stats is not None else None
+
+
+def _rank_cell(rank: int | None) -> str:
+    """A rank as the page shows it: text, so that baselines and unranked rows get an empty cell (a
+    missing number would be drawn as the word "None"); rows are already in rank order."""
+    return "" if rank is None else str(rank)
 
 
 def _ci(stats: MetricStats | None, field: str = "recovery") -> str:
@@ -88,11 +97,11 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
     records = []
     for r in rows:
         records.append({
-            "rank": r.rank, "standing": r.standing, "method": r.method, "composition": r.composition,
+            "rank": _rank_cell(r.rank), "standing": r.standing, "method": r.method, "composition": r.composition,
             "plugin": r.plugin, "quantizer": r.quantizer, "family": r.quant_family, "bits": r.bits,
             "group_size": r.group_size, "library": r.quant_library, "task": r.task, "model": r.model,
             "engine": r.engine, "evaluation": r.evaluation, "seeds": ", ".join(map(str, r.seeds)),
-            "forget_metric": r.forget.name if r.forget else None,
+            "separation": r.separation, "forget_metric": r.forget.name if r.forget else None,
             "forget_pre": _mean(r.forget, "pre"), "forget_post": _mean(r.forget, "post"),
             "forget_gap": _mean(r.forget, "gap"),
             "controlled": _mean(r.forget, "controlled_recovery"),
@@ -105,7 +114,8 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
             "forget2_gap": _mean(r.forget2, "gap"),
             "utility_metric": r.utility.name if r.utility else None,
             "utility_pre": _mean(r.utility, "pre"), "utility_post": _mean(r.utility, "post"),
-            "utility_target_post": _mean(r.utility, "target_post"),
+            "utility_change": _mean(r.utility, "gap"), "utility_target_post": _mean(r.utility, "target_post"),
+            "utility_target_change": _mean(r.utility, "target_change"),
             "badge": r.badge, "source": r.source, "date": r.date, "key": r.key, "runs": list(r.runs),
             "recovery_low": _bound(r.forget, "recovery", "low"),
             "recovery_high": _bound(r.forget, "recovery", "high"),
@@ -115,7 +125,7 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
         })
     columns = [c.id for c in COLUMNS] + list(HIDDEN)
     frame = pd.DataFrame.from_records(records, columns=columns)
-    return frame.astype({"rank": "Int64", "group_size": "Int64"})
+    return frame.astype({"group_size": "Int64"})
 
 
 #: Cells a spreadsheet would run as a formula (CSV injection); such text is prefixed with a quote.

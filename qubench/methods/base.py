@@ -27,7 +27,7 @@ class UnlearnContext:
     data: TaskData
     out_dir: Path             # where the unlearned model must be saved
     seed: int = 0
-    progress: bool = True     # show a progress bar while training (off in tests and batch jobs)
+    progress: bool = True     # show progress while training (qubench.progress.Steps); off in tests, --json, grids
     # How training is spread over processes and devices (None: one process, CUDA when visible). Not part
     # of the result's identity; `qubench.methods.launch.unlearn` starts the processes it asks for.
     parallelism: Parallelism | None = None

@@ -43,15 +43,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qubench.errors import ConfigError, QubenchError
@@ -66,6 +57,7 @@ from qubench.methods.data import (
 from qubench.methods.losses import kl_to_reference, retain_nll_loss
 from qubench.methods.runtime import Precision, Runtime
 from qubench.plugin import PluginConfig
+from qubench.progress import Steps
 
 
 class TrainingError(QubenchError):
@@ -241,19 +233,6 @@ def _check_finite_weights(runtime: Runtime, model: torch.nn.Module, steps: int) 
         )
 
 
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        console=Console(stderr=True),  # stdout stays clean for --json
-    )
-
-
 def train(
     ctx: UnlearnContext,
     config: TrainConfig,
@@ -337,8 +316,7 @@ def _train(runtime: Runtime, ctx: UnlearnContext, config: TrainConfig, objective
     sums: dict[str, float] = {}
     step = 0
     batches = forget_retain_batches(forget, retain, config.batch_size, config.epochs, data_order, pad_id)
-    with _progress_bar(ctx.progress and runtime.is_main) as progress:
-        bar = progress.add_task(label, total=total_steps, loss="")
+    with Steps(label, total_steps, ctx.progress and runtime.is_main) as progress:
         for index, (epoch, forget_batch, retain_batch) in enumerate(batches):
             # Accumulation groups never straddle epochs; the last group of an epoch may be short,
             # and each micro-batch is weighted by 1/(its group's size) so a step is always a mean.
@@ -378,7 +356,7 @@ def _train(runtime: Runtime, ctx: UnlearnContext, config: TrainConfig, objective
             entry = {"step": step, "epoch": epoch + 1, "lr": lr, **sums, "grad_norm": grad_norm}
             log.append(entry)
             sums = {}
-            progress.update(bar, advance=1, loss=f"loss {entry['loss']:.4f}")
+            progress.advance(1, f"loss {entry['loss']:.4f}")
             if step >= total_steps:
                 break
 

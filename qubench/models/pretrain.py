@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from qubench.progress import Steps
 from qubench.tasks.base import TrainRecipe
 
 
@@ -84,8 +83,7 @@ def fit(
     )
     model.train()
     history = []
-    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
+    with Steps(label, total, progress, transient=True) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(seqs), generator=gen).tolist()
             losses = []
@@ -98,7 +96,7 @@ def fit(
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                bar.advance(task)
+                bar.advance(1)
             history.append(sum(losses) / len(losses))
     model.eval()
     return history

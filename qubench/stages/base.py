@@ -58,6 +58,11 @@ class Stage(ABC):
         """A readable prefix of the artifact's name (e.g. the plugin name); empty for none."""
         return ""
 
+    def activity(self) -> str:
+        """What building the artifact is, in the words of the lines a run logs (`qubench.progress`)."""
+        label = self.label()
+        return f"building {self.kind}{' ' + label if label else ''}"
+
     def name(self) -> str:
         label = self.label()
         return f"{label}-{self.key()}{self.suffix}" if label else f"{self.key()}{self.suffix}"
@@ -69,10 +74,18 @@ class Stage(ABC):
         return self.path().is_file() if self.is_file else self.path().is_dir()
 
     def get(self) -> Path:
-        """The artifact's path, built first if it is not there yet."""
-        if self.is_file:
-            return store.cached_file(self.path(), self.build)
-        return store.cached_dir(self.path(), self.build)
+        """The artifact's path, built first if it is not there yet. Either way the current run hears of
+        it (`qubench.progress`): a line when the build starts and one when it ends, with its elapsed
+        time, or one saying it was cached. Every stage of every command logs here, nowhere else."""
+        from qubench import progress
+
+        if self.exists():
+            progress.cached(self.activity())
+            return self.path()
+        with progress.stage(self.activity()):
+            if self.is_file:
+                return store.cached_file(self.path(), self.build)
+            return store.cached_dir(self.path(), self.build)
 
 
 def kind_folder(kind: str) -> Path:

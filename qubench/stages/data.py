@@ -29,6 +29,9 @@ class TaskData(Stage):
     def label(self) -> str:
         return self.task.name
 
+    def activity(self) -> str:
+        return f"preparing task data ({self.task.name})"
+
     def build(self, tmp: Path) -> None:
         self.task.materialize(tmp)
 
@@ -52,6 +55,9 @@ class Download(Stage):
         # The file keeps its own name (and so its suffix) inside a folder named by the key, so readers
         # that look at it can tell what it is.
         return f"{self.key()}/{Path(urllib.parse.urlparse(self.url).path).name or 'data.csv'}"
+
+    def activity(self) -> str:
+        return f"downloading {self.url}"
 
     def build(self, tmp: Path) -> None:
         self.fetch(self.url, tmp)

@@ -38,7 +38,6 @@ class EvalSetup:
     data_dir: Path
     limit: int | None
     dtype: str
-    log: Callable[[str], None] = lambda msg: None
     settings: dict = field(init=False)
 
     def __post_init__(self):
@@ -64,12 +63,14 @@ class Evaluation(Stage):
     def identity(self) -> dict[str, Any]:
         return {"model": model_fingerprint(self.model_dir), **self.setup.settings}
 
+    def activity(self) -> str:
+        return f"evaluating {self.what}"
+
     def build(self, tmp: Path) -> None:
         from transformers import AutoTokenizer
 
         from qubench.evaluation.evaluate import evaluate_model
 
-        self.setup.log(f"evaluating {self.what} ...")
         s = self.setup
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         with s.engine.session(self.model_dir, self.loader) as model:

@@ -141,10 +141,10 @@ class ExternalUnlearned:
         """An audit whose target does not remember the forget set measurably stops here, unless allowed."""
         from qubench.errors import ConfigError
 
-        if not separation.separated and not self.audit.allow_no_separation:
-            raise ConfigError(f"separation check failed: {separation.sentence()} Is --task (and its source) the "
+        if separation.status in ("not separated", "unchecked") and not self.audit.allow_no_separation:
+            raise ConfigError(f"separation check failed: {separation.message}. Is --task (and its source) the "
                               "data the target was trained on? Pass --allow-no-separation to audit anyway")
-        self.log(f"separation: {separation.sentence()}")
+        self.log(f"separation: {separation.message}")
 
 
 def _sample_texts(data, n: int = 8) -> list[str]:

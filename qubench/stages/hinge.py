@@ -30,6 +30,9 @@ class HingeLogits(Stage):
         return {"model": model_fingerprint(self.target_dir), "windows": store.stable_hash(self.windows),
                 "top_k": self.top_k}
 
+    def activity(self) -> str:
+        return "computing the target's forget logits (QUAIL hinge)"
+
     def build(self, tmp: Path) -> None:
         from qubench.methods.hinge import write_logit_cache
 
@@ -53,6 +56,9 @@ class HingeMargin(Stage):
     def identity(self) -> dict[str, Any]:
         return {"model": model_fingerprint(self.target_dir), "windows": store.stable_hash(self.windows),
                 "top_k": self.top_k, "quant": self.quantizer.name, "params": self.quantizer.params()}
+
+    def activity(self) -> str:
+        return f"deriving the QUAIL hinge margins from {self.quantizer.name}"
 
     def build(self, tmp: Path) -> None:
         from qubench.methods.hinge import derive_delta_q

@@ -44,6 +44,9 @@ class TrainedModels(Stage):
     def label(self) -> str:
         return self.task.name
 
+    def activity(self) -> str:
+        return f"preparing target and retrain models (trained here for {self.task.name})"
+
     def build(self, tmp: Path) -> None:
         from qubench.models.prepare import train_pair
 
@@ -92,12 +95,24 @@ class ExistingModels:
         retrain = self.local(self.retrain_ref)
         return PreparedModels(self.local(self.target_ref), retrain, self.target_ref, self.retrain_ref, None)
 
+    def activity(self, downloading: bool = False) -> str:
+        both = f"{self.target_ref} and {self.retrain_ref}" if self.retrain_ref else f"{self.target_ref}, no retrain model"
+        return f"preparing target and retrain models ({'downloading ' if downloading else ''}{both})"
+
     def get_models(self) -> PreparedModels:
+        from qubench import progress
         from qubench.models.prepare import resolve_model
 
-        return PreparedModels(resolve_model(self.target_ref),
-                              resolve_model(self.retrain_ref) if self.retrain_ref else None,
-                              self.target_ref, self.retrain_ref, None)
+        def resolve() -> PreparedModels:
+            return PreparedModels(resolve_model(self.target_ref),
+                                  resolve_model(self.retrain_ref) if self.retrain_ref else None,
+                                  self.target_ref, self.retrain_ref, None)
+
+        if self.exists():  # local folders or already in the hub cache: nothing to wait for
+            progress.say(f"{self.activity()}: found")
+            return resolve()
+        with progress.stage(self.activity(downloading=True)):
+            return resolve()
 
 
 def models_stage(task, data, model: str | None, retrain_model: str | None, seed: int,

@@ -27,8 +27,9 @@ class Quantized(Stage):
     step = "quantize"
     group_shared = False
 
-    def __init__(self, quant, model_dir: Path, data):
+    def __init__(self, quant, model_dir: Path, data, what: str | None = None):
         self.quant, self.model_dir = quant, Path(model_dir)
+        self.what = what or self.model_dir.name  # the model's role in the run (target, unlearned), for the log
         self.calibration = calibration_texts(data)
 
     def identity(self) -> dict[str, Any]:
@@ -37,6 +38,9 @@ class Quantized(Stage):
 
     def label(self) -> str:
         return self.quant.name
+
+    def activity(self) -> str:
+        return f"quantizing {self.what} with {self.quant.name}"
 
     def build(self, tmp: Path) -> None:
         outcome = self.quant.quantize(self.model_dir, tmp, self.calibration)

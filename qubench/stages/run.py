@@ -23,8 +23,6 @@ from qubench.stages.quantized import Quantized
 from qubench.stages.unlearned import Unlearned
 from qubench.tasks.base import Task
 
-Log = Callable[[str], None]
-
 
 @dataclass
 class Plugins:
@@ -70,11 +68,11 @@ class RunStages:
             return ExternalUnlearned(self.spec.audit, models, self.spec.model, self.log)
         return Unlearned(self.plugins.method, self.spec.seed, models, data, self.progress, self.parallelism, self.log)
 
-    def quantized(self, model_dir: Path, data) -> Quantized:
-        return Quantized(self.plugins.quant, model_dir, data)
+    def quantized(self, model_dir: Path, data, what: str | None = None) -> Quantized:
+        return Quantized(self.plugins.quant, model_dir, data, what)
 
     def eval_setup(self, data, data_dir: Path) -> EvalSetup:
-        return EvalSetup(self.plugins.engine, data, data_dir, self.spec.eval_limit, self.spec.dtype, self.log)
+        return EvalSetup(self.plugins.engine, data, data_dir, self.spec.eval_limit, self.spec.dtype)
 
     def evaluations(self, setup: EvalSetup, models: PreparedModels, unlearned_dir: Path | None,
                     q_target: Path | None, q_unlearned: Path | None,

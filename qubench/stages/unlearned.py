@@ -53,7 +53,7 @@ class Unlearned(Stage):
         return self.method.name
 
     def activity(self) -> str:
-        return f"unlearning with {self.method.name} ..."
+        return f"unlearning with {self.method.name}"
 
     def check_inputs(self, unlearned_dir: Path, data) -> None:
         """qubench's own unlearned model needs no input checks (an audit's external model does:

@@ -20,11 +20,11 @@ from qubench.results import RunResult, catalogued_row
 MAX_RESULT_BYTES = 5_000_000
 #: Files a grid writes beside its cells that are not results.
 GRID_FILES = frozenset({"grid.json", "aggregate.json", "last_run.json"})
-#: How closely a stored gap/recovery must follow from the stored pre/post/target values
+#: How closely a stored gap/recovery/target_change must follow from the stored pre/post/target values
 #: (they are computed from those very numbers, so only float rounding is allowed).
 DERIVED_TOLERANCE = 1e-6
 #: The fields of a metric row computed from its measurements (results.metric_row), re-derived here.
-DERIVED_FIELDS = ("gap", "recovery", "position_pre", "position_post", "controlled_recovery")
+DERIVED_FIELDS = ("gap", "recovery", "target_change", "position_pre", "position_post", "controlled_recovery")
 
 
 def file_sha256(path: Path) -> str:
@@ -65,7 +65,8 @@ def _close(a: float | None, b: float | None) -> bool:
 
 
 def metric_problems(result: RunResult) -> list[str]:
-    """Non-finite numbers, and gaps/recoveries that do not follow from the stored measurements."""
+    """Non-finite numbers, gaps/recoveries/target changes that do not follow from the stored measurements
+    (only forget metrics have a recovery), and a separation that does not follow from them."""
     problems = []
     for name, row in result.metrics.items():
         values = {k: v for k, v in row.model_dump().items() if not k.endswith("_note")}  # the numbers
@@ -82,6 +83,36 @@ def metric_problems(result: RunResult) -> list[str]:
             if not _close(getattr(row, field), getattr(expected, field)):
                 problems.append(f"metric {name}: {field} {getattr(row, field)!r} does not follow from its "
                                 f"pre/post/target values (expected {getattr(expected, field)!r})")
+    return problems + separation_problems(result)
+
+
+def separation_problems(result: RunResult) -> list[str]:
+    """A stored separation must follow from the stored target/retrain values and its own thresholds
+    (recorded per metric, so a file stays valid when a later qubench changes the thresholds)."""
+    sep = result.separation
+    if sep is None:
+        return []
+    problems = []
+    for check in sep.metrics:
+        row = result.metrics.get(check.metric)
+        ref_row = result.metrics.get(check.reference_metric) if check.reference_metric else None
+        metric = metric_catalog.BY_NAME.get(check.metric)
+        if row is None or metric is None:
+            problems.append(f"separation: {check.metric} is not a measured qubench metric of this result")
+            continue
+        reference = (None if ref_row is None else ref_row.retrain if check.reference_kind == "retrain"
+                     else ref_row.target_pre)
+        margin = None if reference is None or row.target_pre is None else (row.target_pre - reference) * metric.memorised
+        separated = None if margin is None else margin >= check.threshold
+        if not (_close(check.target, row.target_pre) and _close(check.reference, reference)
+                and _close(check.margin, margin) and check.separated == separated):
+            problems.append(f"separation of {check.metric} does not follow from its target/retrain values "
+                            f"(expected margin {margin!r}, separated {separated!r})")
+    flags = [c.separated for c in sep.metrics if c.separated is not None]
+    status = ("unchecked" if not flags else "separated" if all(flags) else "not separated" if not any(flags)
+              else "partly separated")
+    if sep.status != status:
+        problems.append(f"separation status {sep.status!r} does not follow from its metrics (expected {status!r})")
     return problems
 
 

@@ -1,4 +1,5 @@
-"""`muse-news-mini`: a CPU-scale replica of MUSE-News built from the real MUSE files.
+"""`muse-news-mini`: a CPU-scale replica of MUSE-News built from the real MUSE files (or of MUSE-Books,
+given its files as `source`: the note every result carries names the corpus actually read).
 
 What is real: every text is MUSE-News text, every KnowMem question and answer
 is MUSE's, and probes keep MUSE's format ({prompt, gt} / {question, answer}).
@@ -37,15 +38,29 @@ from qubench.tasks.synth_news import verbmem_probe
 #: under 15 minutes on 2 CPU cores (README, "Real tasks").
 RECIPE = TrainRecipe(epochs=30, lr=3e-3)
 
-NOTE = ("scaled-down replica of MUSE-News (tiny models trained on a subset of MUSE's files); "
-        "its numbers are not MUSE's numbers")
+
+
+def corpus_of(source: str) -> str | None:
+    """Which MUSE corpus a source names (a hub ID such as muse-bench/MUSE-Books, a snapshot folder
+    datasets--muse-bench--MUSE-Books, MUSE's GitHub folders data/news and data/books), or None when its
+    name does not say. The two corpora share one layout, so the name is the only cheap evidence."""
+    words = set(re.findall(r"[a-z]+", source.lower()))
+    found = [name for word, name in (("news", "MUSE-News"), ("books", "MUSE-Books")) if word in words]
+    return found[0] if len(found) == 1 else None
+
+
+def replica_note(source: str) -> str:
+    """The note every result of the task carries, naming the corpus actually read."""
+    corpus = corpus_of(source)
+    what = f"{corpus} ({source})" if corpus else f"the MUSE-layout files at {source}"
+    return (f"scaled-down replica built from {what}: tiny models trained on a subset of its files; "
+            "its numbers are not MUSE's numbers")
 
 
 class MuseNewsMini(Task):
     name = "muse-news-mini"
-    description = ("CPU-scale replica of MUSE-News: real MUSE text and probes, tiny target/retrain "
-                   "trained locally (not MUSE's numbers)")
-    note = NOTE
+    description = ("CPU-scale replica of MUSE (News by default; any MUSE source): real MUSE text and probes, "
+                   "tiny target/retrain trained locally (not MUSE's numbers)")
     utility_metric = "verbmem_r"  # tiny models: KnowMem carries no signal at this scale
 
     class Config(PluginConfig):
@@ -62,6 +77,10 @@ class MuseNewsMini(Task):
         icl_examples: int = Field(3, ge=0, le=10)
         seed: int = 0
         recipe: RecipeOverrides
+
+    @property
+    def note(self) -> str:  # the source is a parameter: MUSE-Books files make a Books replica, not a News one
+        return replica_note(self.config.source)
 
     def source_fingerprint(self) -> str | None:
         path = Path(self.config.source).expanduser()

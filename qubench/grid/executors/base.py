@@ -109,7 +109,7 @@ def _logger(verbose: bool) -> Callable[[str], None]:
     from rich.console import Console
 
     console = Console(stderr=True)
-    return lambda msg: console.print(msg, highlight=False)
+    return lambda msg: console.print(msg, highlight=False, soft_wrap=True)  # one log line, however long
 
 
 class Executor(ABC):
