@@ -155,7 +155,11 @@ def test_inbucket_composes_with_sure_and_hinge_but_not_lora():
     params = method.params()
     assert params["composition"]["modifiers"] == ["sure", "hinge", "inbucket"]
     assert (params["inbucket_scheme"], params["inbucket_scheme_params"]) == ("rtn-3bit", {"group_size": 32})
-    assert registry.create("methods", "ga_gdr+inbucket").params()["inbucket_scheme"] == "rtn-4bit"
+    control = registry.create("methods", "ga_gdr+inbucket").params()
+    assert (control["inbucket_scheme"], control["lr"], control["alpha"]) == ("rtn-4bit", 1e-4, 3.0)
+    plain = registry.create("methods", "ga+inbucket").params()  # no retain term: only lr changes
+    assert plain["lr"] == 1e-4 and "alpha" not in plain
+    assert registry.create("methods", "ga_gdr+sure+inbucket").params()["lr"] == 1e-4  # sure agrees
     with pytest.raises(ConfigError, match=r"combines 'inbucket' and 'lora'.*low-rank product"):
         registry.get("methods", "ga_gdr+lora+inbucket")
 

@@ -35,7 +35,8 @@ Config: the base's config plus every modifier's fields (prefixed by the
 modifier's name: hinge_*, sure_*, lora_*, inbucket_*), still forbidding
 unknown fields.
 A modifier may change a base default (sure and lora default `lr` to 1e-4, as
-in their papers). `params()` records the composition (base and modifiers)
+in their papers; inbucket `lr` 1e-4 and, where the base has a retain term,
+its weight `alpha` 3). `params()` records the composition (base and modifiers)
 beside every hyper-parameter.
 """
 
@@ -134,6 +135,8 @@ def _merged_config(base: type[LossBasedMethod], mods: tuple[type[TrainHook], ...
                 raise ConfigError(f"modifier {mod.name!r} and {owners[field]!r} both define the parameter {field!r}")
             owners[field] = mod.name
         for field, value in mod.base_defaults.items():
+            if field not in base.Config.model_fields:
+                continue  # e.g. inbucket's retain weight `alpha` on plain ga, which has no retain term
             if field in overrides and overrides[field][1].default != value:
                 raise ConfigError(f"modifiers disagree on the default of {field!r}")
             info = copy.copy(base.Config.model_fields[field])

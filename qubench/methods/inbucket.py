@@ -187,7 +187,7 @@ def rtn_fit(quantizer, name: str, weight: torch.Tensor) -> Fit:
         # matters for a bf16/fp16 checkpoint: on CPU that division runs in the checkpoint's dtype.
         return lambda x: quantize(x=x.to(dtype), scale=scale.to(dtype), zero_point=zero, args=args, dtype=torch.int8)
 
-    fns = (level_in(weight.dtype),) if weight.dtype == torch.float32 else (level_in(weight.dtype), level_in(torch.float32))
+    fns = tuple(level_in(d) for d in dict.fromkeys((weight.dtype, torch.float32)))  # one, or both arithmetics
     levels = fns[0](weight).double()  # the candidates start from the checkpoint dtype's levels
     q_min, q_max = (float(v) for v in calculate_range(args, weight.device))
     scale_w, zero_w = _per_weight(scale.double(), weight), _per_weight(zero.double(), weight)
@@ -283,7 +283,11 @@ class InBucket(TrainHook):
 
     name: ClassVar[str] = "inbucket"
     Config: ClassVar[type[PluginConfig]] = InBucketConfig
-    base_defaults: ClassVar[dict[str, Any]] = {}
+    # The control must forget clearly at full precision and keep utility. On the default task
+    # (benchmarks/inbucket_trial.py --sweep) the base's lr 1e-5 barely forgot (VerbMem_f 76.6 -> 66.7);
+    # lr 1e-4 alone forgot everything, retain text included (VerbMem_r 77.1 -> 9.7); lr 1e-4 with
+    # the retain term weighted 3x forgot (32.6, retrain 24.8) and kept utility (VerbMem_r 79.3).
+    base_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "alpha": 3.0}
     description: ClassVar[str] = ("known-answer control: unlearning hidden inside the quantization buckets of "
                                   "inbucket_scheme, so that scheme gives back exactly the quantized target")
 
