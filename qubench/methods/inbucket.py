@@ -26,7 +26,10 @@ The buckets come from the quantizer's own arithmetic, never from a re-implementa
   and clamp range included. The float32 arithmetic of the Triton kernel compressed-tensors uses
   on a GPU is covered too for half-precision checkpoints (the bucket is the intersection of both).
 - bitsandbytes NF4 / FP4: bitsandbytes' code book and its own `quantize_4bit` (blockwise absmax
-  over 64 weights of the flattened matrix; the block absmax is pinned like a group's max).
+  over 64 weights of the flattened matrix; the block absmax is pinned like a group's max). The
+  edges are found with the backend on the training device and kept 8 floats inside, since
+  bitsandbytes' CUDA kernel compares with its own hard-coded midpoints. FP4 has two codes for
+  zero (+0 and -0): there the bucket stops short of the split, a little narrower than possible.
 Other schemes (GPTQ and AWQ fit their levels to calibration data, LLM.int8 rounds from float16
 at run time) are refused with a reason.
 
@@ -42,8 +45,8 @@ buckets impose, which makes the pair an instructive case). `lora` is refused (se
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import torch
@@ -71,8 +74,9 @@ def scheme_quantizer(name: str, params: dict[str, Any] | None = None):
     if not isinstance(quantizer, RTN | Bnb4bit):
         raise ConfigError(
             f"inbucket_scheme={name!r}: only {SUPPORTED} have buckets fixed by the weights alone. "
-            "GPTQ and AWQ choose levels and scales from calibration data, LLM.int8 and full precision "
-            "have no 4-bit grid to hide in; measure those with --quant instead."
+            "GPTQ and AWQ choose levels and scales from calibration data, bnb-int8 takes its grid from "
+            "float16 copies of the weights (not supported here), and full precision has no grid; measure "
+            "those with --quant instead."
         )
     return quantizer
 
@@ -111,6 +115,7 @@ class Fit:
     range_low: torch.Tensor  # the group's (block's) min and max, per weight: the weights there set the
     range_high: torch.Tensor  # scale and are pinned, the others may not pass them
     step: torch.Tensor       # the scheme's step per weight, for the summary
+    margin_ulps: int = 0     # floats kept between a bound and the exact edge (other backends' ties)
 
 
 @dataclass
@@ -157,6 +162,8 @@ def bucket(fit: Fit, weight: torch.Tensor) -> Bucket:
     for level_of in fit.level_fns:
         lo, hi = exact_interval(weight, fit.below, fit.above, level_of)
         low, high = torch.maximum(low, lo), torch.minimum(high, hi)
+    for _ in range(fit.margin_ulps):
+        low, high = torch.nextafter(low, weight), torch.nextafter(high, weight)
     pinned = (weight == fit.range_low) | (weight == fit.range_high)
     low = torch.where(pinned, weight, torch.maximum(low, fit.range_low))
     high = torch.where(pinned, weight, torch.minimum(high, fit.range_high))
@@ -247,6 +254,9 @@ def bnb_fit(quantizer, name: str, weight: torch.Tensor) -> Fit:
         range_low=per_weight(-block_abs).to(weight.dtype),
         range_high=per_weight(block_abs).to(weight.dtype),
         step=per_weight(block_abs * code.diff().mean()).float(),
+        # bitsandbytes' CUDA kernel compares with hard-coded midpoints, the CPU one with float32
+        # midpoints of the code book: they may differ in the last bit, so stay a few floats inside.
+        margin_ulps=8,
     )
 
 
