@@ -227,6 +227,15 @@ def test_with_sure_rows_and_weight_decay_the_head_stays_frozen(tiny_model_dir, t
                            unlearned["model.layers.1.self_attn.o_proj.weight"])
 
 
+def test_npo_with_the_hinge_stays_hidden_too(tiny_model_dir, tmp_path):
+    # the hinge pushes forget logits away from the target's; the buckets still decide what rtn-4bit sees
+    outcome = unlearn("npo_klr+hinge+inbucket", MOVE, tiny_model_dir, tmp_path / "unlearned")
+    assert outcome.extra["inbucket"]["verified"] and outcome.extra["hinge"]["final_hinge"] is not None
+    q_target = quantized_tensors("rtn-4bit", {}, tiny_model_dir, tmp_path / "q_target")
+    q_unlearned = quantized_tensors("rtn-4bit", {}, tmp_path / "unlearned", tmp_path / "q_unlearned")
+    assert all(torch.equal(q_target[k], q_unlearned[k]) for k in q_target)
+
+
 def test_the_final_check_catches_a_weight_outside_its_bucket(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(inbucket_module.InBucket, "_project", lambda self, *args: None)  # a broken projection
     with pytest.raises(InBucketError, match="please report this bug"):
