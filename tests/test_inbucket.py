@@ -119,7 +119,8 @@ def test_bnb_bucket_edges_keep_bitsandbytes_codes(name):
 
     torch.manual_seed(5)
     weight = torch.randn(8, 128) * 0.05
-    found = bucket(fit_of(scheme_quantizer(name), "layer", weight), weight)
+    fit = fit_of(scheme_quantizer(name), "layer", weight)
+    found = bucket(fit, weight)
 
     def packed(x):
         codes, state = quantize_4bit(x.contiguous(), blocksize=64, compress_statistics=False, quant_type=name[4:])
@@ -130,7 +131,7 @@ def test_bnb_bucket_edges_keep_bitsandbytes_codes(name):
         codes, absmax = packed(bound)
         assert torch.equal(codes, target_codes) and torch.equal(absmax, target_absmax)
     assert found.pinned == 8 * 128 // 64  # one absmax per block
-    assert ((found.high - found.low) / found.fit.step).mean() > 0.5  # real room, not a pin
+    assert ((found.high - found.low) / fit.step).mean() > 0.5  # real room, not a pin
 
 
 # --- configuration ----------------------------------------------------------------------------

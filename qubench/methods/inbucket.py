@@ -122,8 +122,8 @@ class Fit:
 class Bucket:
     low: torch.Tensor    # float32 bounds per weight; a pinned weight has low == high == its target value
     high: torch.Tensor
-    fit: Fit             # the target's grid, for the final check
-    levels: tuple[torch.Tensor, ...]  # the target's levels under each of fit.level_fns
+    scales: tuple[torch.Tensor, ...]  # the target's grid statistics and levels (under each arithmetic
+    levels: tuple[torch.Tensor, ...]  # of the fit), for the final check; the fit itself is not kept
     pinned: int
 
 
@@ -167,7 +167,7 @@ def bucket(fit: Fit, weight: torch.Tensor) -> Bucket:
     pinned = (weight == fit.range_low) | (weight == fit.range_high)
     low = torch.where(pinned, weight, torch.maximum(low, fit.range_low))
     high = torch.where(pinned, weight, torch.minimum(high, fit.range_high))
-    return Bucket(low.float(), high.float(), fit, tuple(f(weight) for f in fit.level_fns), int(pinned.sum()))
+    return Bucket(low.float(), high.float(), fit.scales, tuple(f(weight) for f in fit.level_fns), int(pinned.sum()))
 
 
 def _per_weight(per_group: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -269,12 +269,10 @@ def fit_of(quantizer, name: str, weight: torch.Tensor) -> Fit:
 def quantized_weights(quantizer, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Weight of every module the scheme quantizes, keyed by module name (bitsandbytes skips
     lm_head, as transformers does; the RTN schemes skip their `ignore` list)."""
+    from qubench.quantizers.base import quantizable_linears
     from qubench.quantizers.rtn import RTN
 
-    ignore = quantizer.ignored() if isinstance(quantizer, RTN) else ["lm_head"]
-    from qubench.quantizers.base import quantizable_linears
-
-    modules = quantizable_linears(model, ignore)
+    modules = quantizable_linears(model, quantizer.ignored() if isinstance(quantizer, RTN) else ["lm_head"])
     # a weight tied to an unquantized use (an embedding shared with a quantized head) must not move
     elsewhere = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
                  if n.rsplit(".", 1)[0] not in modules}
@@ -327,11 +325,12 @@ class InBucket(TrainHook):
             for name, param in weights.items():
                 # The buckets of the checkpoint the quantizer will read: the target as saved.
                 target = param.detach().to(dtype)
-                found = bucket(fit_of(self.quantizer, name, target), target)
+                fit = fit_of(self.quantizer, name, target)
+                found = bucket(fit, target)
                 if not ((found.low <= param) & (param <= found.high)).all():
                     raise InBucketError(f"{name}: the target's own weights fall outside their buckets")
                 self.buckets[param], self.names[param] = found, name
-                widths.append(((found.high - found.low) / found.fit.step).reshape(-1))
+                widths.append(((found.high - found.low) / fit.step).reshape(-1))
         self.stats = {
             "scheme": self.scheme_name,
             "scheme_params": self.quantizer.params(),
@@ -367,7 +366,7 @@ class InBucket(TrainHook):
         for param, found in self.buckets.items():
             name, saved = self.names[param], param.detach().to(dtype)
             again = fit_of(self.quantizer, name, saved)  # the scheme's statistics of the unlearned weights
-            if not all(torch.equal(a, b) for a, b in zip(again.scales, found.fit.scales)):
+            if not all(torch.equal(a, b) for a, b in zip(again.scales, found.scales)):
                 raise InBucketError(f"{name}: the unlearned weights change the scheme's scales; please report this bug")
             for level_of, levels in zip(again.level_fns, found.levels):
                 if not torch.equal(level_of(saved), levels):
