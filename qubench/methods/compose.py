@@ -9,6 +9,8 @@ shared loop:
 - hinge  QUAIL's logit hinge on the forget set        (qubench.methods.hinge)
 - sure   SURE's saliency mask: only salient modules    (qubench.methods.saliency)
 - lora   LoRA adapters, merged before saving           (qubench.methods.lora)
+- inbucket  the known-answer control: the update hidden inside one
+         quantizer's buckets, so that quantizer undoes it exactly  (qubench.methods.inbucket)
 
 Rules, checked before any work starts:
 - exactly one base, first; each modifier at most once; unknown parts get
@@ -17,17 +19,24 @@ Rules, checked before any work starts:
   mask over the base weights vs low-rank adapters with every base weight
   frozen), so a "mask on an adapter model" would either freeze the adapters
   by the base weights' saliency or be a different method altogether;
+- `inbucket` and `lora` exclude each other: the buckets bound each effective
+  weight after every step, but LoRA keeps the update as a low-rank product
+  outside the weights until the final merge, and clamping that merge alone
+  would throw away what the adapters learned unconstrained;
 - presets (quail, sure, lora) are compositions already and cannot be a base:
   compose their base instead (e.g. ga_gdr+hinge+lora).
 
 Modifier order does not matter: the method's name is canonical (sure, lora,
-then hinge), so "ga_gdr+hinge+sure" and "ga_gdr+sure+hinge" are one method
-and share cached results.
+hinge, then inbucket, which freezes after sure has chosen what trains), so
+"ga_gdr+hinge+sure" and "ga_gdr+sure+hinge" are one method and share cached
+results.
 
 Config: the base's config plus every modifier's fields (prefixed by the
-modifier's name: hinge_*, sure_*, lora_*), still forbidding unknown fields.
+modifier's name: hinge_*, sure_*, lora_*, inbucket_*), still forbidding
+unknown fields.
 A modifier may change a base default (sure and lora default `lr` to 1e-4, as
-in their papers). `params()` records the composition (base and modifiers)
+in their papers; inbucket `lr` 1e-4 and, where the base has a retain term,
+its weight `alpha` 3). `params()` records the composition (base and modifiers)
 beside every hyper-parameter.
 """
 
@@ -42,17 +51,24 @@ from pydantic import create_model
 
 from qubench.errors import ConfigError
 from qubench.methods.hinge import LogitHinge
+from qubench.methods.inbucket import InBucket
 from qubench.methods.lora import LoraAdapters
 from qubench.methods.saliency import SaliencyMask
 from qubench.methods.train_loop import LossBasedMethod, TrainHook
 
 SEPARATOR = "+"
-# Dict order is the canonical order: what trains (sure / lora) is settled before the hinge adds its term.
-MODIFIERS: dict[str, type[TrainHook]] = {m.name: m for m in (SaliencyMask, LoraAdapters, LogitHinge)}
+# Dict order is the canonical order: what trains (sure / lora) is settled before the hinge adds its term,
+# and inbucket comes last: it freezes every unquantized weight after sure has chosen which modules train.
+MODIFIERS: dict[str, type[TrainHook]] = {m.name: m for m in (SaliencyMask, LoraAdapters, LogitHinge, InBucket)}
 INCOMPATIBLE: dict[frozenset[str], str] = {
     frozenset({"sure", "lora"}): (
         "both decide which weights move: sure trains a salient subset of the base weights, lora freezes "
         "every base weight and trains adapters; choose one"
+    ),
+    frozenset({"inbucket", "lora"}): (
+        "inbucket bounds every effective weight after each step, but lora keeps its update as a low-rank "
+        "product outside the weights until the final merge; clamping only the merged result would discard "
+        "what the adapters learned unconstrained. Use inbucket on the full weights (e.g. ga_gdr+inbucket)"
     ),
 }
 
@@ -119,6 +135,8 @@ def _merged_config(base: type[LossBasedMethod], mods: tuple[type[TrainHook], ...
                 raise ConfigError(f"modifier {mod.name!r} and {owners[field]!r} both define the parameter {field!r}")
             owners[field] = mod.name
         for field, value in mod.base_defaults.items():
+            if field not in base.Config.model_fields:
+                continue  # e.g. inbucket's retain weight `alpha` on plain ga, which has no retain term
             if field in overrides and overrides[field][1].default != value:
                 raise ConfigError(f"modifiers disagree on the default of {field!r}")
             info = copy.copy(base.Config.model_fields[field])
