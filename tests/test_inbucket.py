@@ -278,7 +278,17 @@ def test_micro_run_quantized_control_equals_quantized_target(tmp_path, monkeypat
     for name, row in result.metrics.items():
         assert row.post == row.target_post, name  # ... and is the target once quantized
     folders = sorted((home / "quantized").glob("rtn-4bit-*"))
-    assert len(folders) == 2  # the quantized target and the quantized control
+    assert len(folders) == 3  # the quantized target, retrain and control
     packed = [{k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()} for d in folders]
-    assert packed[0].keys() == packed[1].keys() and any(k.endswith("weight_packed") for k in packed[0])
-    assert all(torch.equal(packed[0][k], packed[1][k]) for k in packed[0])
+    assert all(p.keys() == packed[0].keys() for p in packed) and any(k.endswith("weight_packed") for k in packed[0])
+    same = [(i, j) for i in range(3) for j in range(i + 1, 3)
+            if all(torch.equal(packed[i][k], packed[j][k]) for k in packed[i])]
+    assert len(same) == 1  # the control's packed checkpoint is the target's, bit for bit; the retrain's is not
+
+
+def test_inbucket_compositions_are_known_answer_controls_and_plain_methods_are_not():
+    from qubench import registry
+
+    assert registry.get("methods", "ga_gdr+inbucket").is_control
+    assert registry.get("methods", "npo_klr+hinge+inbucket").is_control
+    assert not registry.get("methods", "ga_gdr+hinge").is_control and not registry.get("methods", "quail").is_control

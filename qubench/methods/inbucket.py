@@ -290,6 +290,7 @@ class InBucket(TrainHook):
     """Modifier `inbucket`: every quantized weight stays in the target's bucket, the rest is frozen."""
 
     name: ClassVar[str] = "inbucket"
+    is_control: ClassVar[bool] = True  # a known answer, not a method to rank (UnlearnMethod.is_control)
     Config: ClassVar[type[PluginConfig]] = InBucketConfig
     # The control must forget clearly at full precision and keep utility. On the default task
     # (benchmarks/inbucket_trial.py --sweep) the base's lr 1e-5 barely forgot (VerbMem_f 76.6 -> 66.7);
