@@ -71,7 +71,8 @@ def test_spec_accepts_names_params_labels_and_rejects_mistakes():
 def test_presets_and_flag_overrides():
     default = default_preset()
     builtin_methods = {i.name for i in registry.describe("methods") if i.package == "qubench"}
-    assert {m.name for m in default.methods} == builtin_methods and default.seeds == [0, 1, 2]
+    # every built-in method and the known-answer control
+    assert {m.name for m in default.methods} == builtin_methods | {"ga_gdr+inbucket"} and default.seeds == [0, 1, 2]
     assert {"rtn-4bit", "gptq-4bit", "awq-4bit", "none"} <= {q.name for q in default.quantizers}
     assert [t.name for t in default.tasks] == ["synth-news"]
     paper = paper_preset()

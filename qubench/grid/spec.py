@@ -175,10 +175,18 @@ def _usable_quantizers(names: list[str]) -> tuple[list[str], list[str]]:
     return usable, notes
 
 
+#: The known-answer control every default grid carries: GA+GDR hidden inside rtn-4bit's rounding buckets
+#: (qubench.methods.inbucket). Under rtn-4bit it must read 100% damage-controlled recovery; under the other
+#: quantizers it measures which of them undo forgetting hidden that way.
+CONTROL_METHODS = ["ga_gdr+inbucket"]
+
+
 def default_preset() -> GridSpec:
-    """Every built-in method x every usable built-in quantizer on the offline default task, 3 seeds."""
+    """Every built-in method (and the known-answer control) x every usable built-in quantizer on the offline
+    default task, 3 seeds."""
     quantizers, notes = _usable_quantizers(_builtin("quantizers"))
-    return GridSpec(tasks=[Entry(name="synth-news")], methods=[Entry(name=n) for n in _builtin("methods")],
+    methods = [Entry(name=n) for n in [*_builtin("methods"), *CONTROL_METHODS]]
+    return GridSpec(tasks=[Entry(name="synth-news")], methods=methods,
                     quantizers=[Entry(name=n) for n in quantizers], seeds=[0, 1, 2], notes=notes)
 
 
