@@ -50,12 +50,12 @@ def main() -> None:
                    "else this python). Not part of the run's identity.")
 @shared("model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int)
-@shared("batch_size", "dtype", "limit")
+@shared("batch_size", "dtype", "limit", "device")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
 @shared("as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
-        retrain_model, seed, batch_size, dtype, limit, results_dir, force, as_json) -> None:
+        retrain_model, seed, batch_size, dtype, limit, device, results_dir, force, as_json) -> None:
     """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
     from qubench import pipeline
 
@@ -77,7 +77,7 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     )
     log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
     try:
-        result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json)
+        result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, device=device)
     except QubenchError as exc:
         _fail(exc)
     if as_json:
@@ -167,7 +167,7 @@ def show(result_file, as_json) -> None:
 @click.option("--engine", default=None, help="Evaluation engine (default hf).")
 @shared("task_params", "method_params", "quant_params", "engine_params")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Run seeds 0..N-1 (default: the spec's, else 0).")
-@shared("model", "retrain_model", "batch_size", "dtype", "limit")
+@shared("model", "retrain_model", "batch_size", "dtype", "limit", "device")
 @click.option("--results", "results_dir", default="results/grid", show_default=True,
               type=click.Path(path_type=Path), help="Cell results go to DIR/cells, the aggregate to DIR/aggregate.json.")
 @shared("workers")
@@ -178,8 +178,8 @@ def show(result_file, as_json) -> None:
 @click.option("--dry-run", is_flag=True, help="Print how many cells and stages would run and how many are cached.")
 @shared("as_json")
 def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_params, quant_params, engine_params,
-         seeds, model, retrain_model, batch_size, dtype, limit, results_dir, workers, executor, ray_address, keep,
-         dry_run, as_json) -> None:
+         seeds, model, retrain_model, batch_size, dtype, limit, device, results_dir, workers, executor, ray_address,
+         keep, dry_run, as_json) -> None:
     """Run a benchmark grid: tasks x methods x quantizers x seeds, resumable, with seed aggregates.
 
     Exit status: 0 all cells ok, 1 some cell failed, 2 bad input, 130 interrupted (rerun to continue).
@@ -193,13 +193,14 @@ def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_
                           model=model, retrain_model=retrain_model, batch_size=batch_size, dtype=dtype,
                           eval_limit=limit)
         if dry_run:
-            _, counts = runner.plan(spec, results_dir)
+            _, counts = runner.plan(spec, results_dir, device)
             if as_json:
                 out.print_json(json.dumps({**counts.as_dict(), "notes": spec.notes}))
             else:
                 report.print_plan(console, counts, spec.notes, results_dir)
             return
-        options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json)
+        options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json,
+                                     device=device)
         log = (lambda msg: console.print(escape(msg), highlight=False)) if not as_json else (lambda msg: None)
         summary = runner.run_grid(spec, options, log)
     except QubenchError as exc:
@@ -293,7 +294,7 @@ def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) ->
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A grid spec file instead of a preset (recorded as a custom grid).")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Run seeds 0..N-1 instead of the preset's.")
-@shared("task_params", "quant_params", "limit")
+@shared("task_params", "quant_params", "limit", "device")
 @click.option("--name", default=None, help="Submission folder name (default: the package name).")
 @click.option("--out", "out_root", default="submissions", show_default=True, type=click.Path(path_type=Path))
 @click.option("--author", "authors", multiple=True, help="Author (repeatable; default: the package metadata).")
@@ -302,8 +303,8 @@ def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) ->
               help="What `pip install` is given to install the package: a requirement (default NAME==VERSION) "
                    "or a path relative to the submission folder, e.g. '.'.")
 @shared("workers")
-def submit(method, method_params, preset, spec_file, seeds, task_params, quant_params, limit, name, out_root, authors,
-           license_, source, workers) -> None:
+def submit(method, method_params, preset, spec_file, seeds, task_params, quant_params, limit, device, name, out_root,
+           authors, license_, source, workers) -> None:
     """Run the standard grid for a third-party method and write submissions/<name>/."""
     from qubench.submissions.submit import submit as run_submit
 
@@ -312,7 +313,7 @@ def submit(method, method_params, preset, spec_file, seeds, task_params, quant_p
     try:
         done = run_submit(method, _params(method_params), out_root, name=name, preset=preset, spec_file=spec_file,
                           overrides=overrides, authors=list(authors), license_=license_, source=source,
-                          workers=workers, log=lambda msg: console.print(escape(msg), highlight=False))
+                          workers=workers, device=device, log=lambda msg: console.print(escape(msg), highlight=False))
     except QubenchError as exc:
         _fail(exc)
     out.print(f"wrote {escape(str(done.folder))} ({done.cells} cells)", highlight=False)
@@ -352,15 +353,17 @@ def validate(folder, no_install, as_json) -> None:
               help="Largest accepted |submitted - re-run| on the 0-100 scales (ROUGE, accuracy, PrivLeak).")
 @click.option("--auc-tolerance", type=float, default=0.01, show_default=True, help="The same on AUC (0-1).")
 @click.option("--no-install", is_flag=True, help="Use the plugin installed here (same package and version).")
+@shared("device")
 @click.option("--json", "as_json", is_flag=True)
-def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, as_json) -> None:
+def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, device, as_json) -> None:
     """Re-run N random cells of a submission and record whether its numbers hold (verification.yaml)."""
     from qubench.submissions.schema import Tolerance
     from qubench.submissions.verify import verify as run_verify
 
     try:
         record = run_verify(folder, cells, seed, Tolerance(points=tolerance, auc=auc_tolerance),
-                            install=not no_install, log=lambda msg: console.print(escape(msg), highlight=False))
+                            install=not no_install, device=device,
+                            log=lambda msg: console.print(escape(msg), highlight=False))
     except QubenchError as exc:
         _fail(exc)
     if as_json:

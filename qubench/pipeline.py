@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench import results
+from qubench.device import Device
+from qubench.device import resolve as resolve_device
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
@@ -50,14 +52,18 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
-        progress: bool = True) -> results.RunResult:
-    """Run one spec; reuse its stored result unless `force` or it had failed."""
+        progress: bool = True, device: str | Device = "auto") -> results.RunResult:
+    """Run one spec on `device` (auto, cpu, cuda, cuda:N; see qubench.device); reuse its stored
+    result unless `force` or it had failed. The device is how the run executes, not what it
+    measures: it is not part of the result's name, and the result records it (`resolved.device`)."""
     out = result_path(results_dir, spec)
     if not force and (stored := results.stored_ok(out)) is not None:
-        log(f"reusing stored result {out} (pass --force to recompute)")
+        ran_on = (stored.resolved.get("device") or {}).get("kind", "cpu")
+        log(f"reusing stored result {out}, computed on {ran_on} (pass --force to recompute)")
         return stored
-    plugins = Plugins.from_spec(spec)  # bad names/params fail here, before any work
-    stages = RunStages(spec, plugins, log, progress)
+    device = resolve_device(device)  # a GPU that is not there fails here, before any work
+    plugins = Plugins.from_spec(spec, device=device)  # bad names/params fail here, before any work
+    stages = RunStages(spec, plugins, log, progress, device)
     stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
     timer = Timer()
     step = TaskData.step
@@ -91,6 +97,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         result.unlearning = read_log(unlearned_dir)
         result.resolved = _resolved(plugins, models, unlearned_dir, q_target, q_unlearned, measured)
         result.resolved["seed"] = _seed_use(spec, models)
+        result.resolved["device"] = device.record()
         result.status = "ok"
     except Exception as exc:
         result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),
@@ -139,7 +146,7 @@ def _resolved(plugins: Plugins, models: PreparedModels, unlearned_dir: Path, q_t
         "quant": {"name": plugins.quant.name, "params": plugins.quant.params(), "scheme": plugins.quant.scheme(),
                   "checkpoint": read_record(q_unlearned)},
         "engine": {"name": plugins.engine.name, "params": plugins.engine.params(),
-                   "version": plugins.engine.version()},
+                   "version": plugins.engine.version(), **plugins.engine.choice_record()},
         "models": {
             "target": {"id": models.target_id, "fingerprint": model_fingerprint(models.target_dir)},
             "retrain": {"id": models.retrain_id,

@@ -25,6 +25,9 @@ class UnlearnContext:
     out_dir: Path             # where the unlearned model must be saved
     seed: int = 0
     progress: bool = True     # show a progress bar while training (off in tests and batch jobs)
+    # The device the run asked for ("cpu", "cuda:N"; qubench.device.Device.torch_device). Not part of what is
+    # computed, but part of the unlearned model's cache key when it is not the CPU.
+    device: str = "cpu"
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qubench import store
+from qubench.device import CPU, Device
 from qubench.fingerprint import model_fingerprint
 from qubench.stages.base import Stage
 from qubench.stages.models import PreparedModels
@@ -21,8 +22,10 @@ class Unlearned(Stage):
     step = "unlearn"
     group_shared = True
 
-    def __init__(self, method, seed: int, models: PreparedModels, data, progress: bool = True):
+    def __init__(self, method, seed: int, models: PreparedModels, data, progress: bool = True,
+                 device: Device = CPU):
         self.method, self.seed, self.models, self.data, self.progress = method, seed, models, data, progress
+        self.device = device
 
     def identity(self) -> dict[str, Any]:
         ident = {"target": model_fingerprint(self.models.target_dir), "method": self.method.name,
@@ -31,7 +34,7 @@ class Unlearned(Stage):
                  "forget": store.stable_hash(self.data.forget), "retain": store.stable_hash(self.data.retain)}
         if self.method.uses_retrain_model and self.models.retrain_dir is not None:
             ident["retrain"] = model_fingerprint(self.models.retrain_dir)
-        return ident
+        return {**ident, **self.device.identity()}
 
     def label(self) -> str:
         return self.method.name
@@ -40,7 +43,7 @@ class Unlearned(Stage):
         from qubench.methods.base import UnlearnContext
 
         outcome = self.method.unlearn(UnlearnContext(self.models.target_dir, self.models.retrain_dir, self.data,
-                                                     tmp, self.seed, self.progress))
+                                                     tmp, self.seed, self.progress, device=self.device.torch_device))
         store.write_json_atomic(tmp / LOG_FILE, {"steps": outcome.steps,
                                                  "final": outcome.log[-1] if outcome.log else {},
                                                  "extra": outcome.extra, "log": outcome.log})
