@@ -100,7 +100,7 @@ def build_stages(check: Check, cells: dict) -> None:
     from qubench.stages.run import RunStages
     from qubench.tasks import muse_layout
 
-    first = RunStages(next(iter(cells.values())), device=check.device)
+    first = RunStages(next(iter(cells.values())), device=check.device, progress=False)
     data_dir = check.stage("task data", first.task_data().get)
     if data_dir is None:
         return
@@ -110,21 +110,22 @@ def build_stages(check: Check, cells: dict) -> None:
         return
     unlearned = {}
     for method in METHODS:
-        st = RunStages(cells[(method, QUANTS[0])], device=check.device)
+        st = RunStages(cells[(method, QUANTS[0])], device=check.device, progress=False)
         unlearned[method] = check.stage(f"unlearn {method}", st.unlearned(models, data).get)
     for quant in QUANTS:
-        st = RunStages(cells[(METHODS[0], quant)], device=check.device)
+        st = RunStages(cells[(METHODS[0], quant)], device=check.device, progress=False)
         q_target = check.stage(f"quantize target {quant}", st.quantized(models.target_dir, data).get)
         for method in METHODS:
             if unlearned[method] is None:
                 continue
-            st = RunStages(cells[(method, quant)], device=check.device)
+            st = RunStages(cells[(method, quant)], device=check.device, progress=False)
             q_unlearned = check.stage(f"quantize {method} {quant}", st.quantized(unlearned[method], data).get)
             evaluations = st.evaluations(st.eval_setup(data, data_dir), models, unlearned[method], q_target,
                                          q_unlearned)
             for label, evaluation in evaluations.items():
                 if not evaluation.exists():
-                    check.stage(f"evaluate {evaluation.what}", evaluation.get)
+                    whose = f" ({method})" if label in ("pre", "post") else ""
+                    check.stage(f"evaluate {evaluation.what}{whose}", evaluation.get)
 
 
 def score(check: Check, cells: dict, results_dir: Path, engine: str) -> None:
@@ -161,7 +162,7 @@ def print_tables(check: Check) -> None:
             if m is None or None in (m["target_pre"], m["pre"], m["post"]):
                 parts.append(f"{'-':>30}")
                 continue
-            rec = "n/a" if m["recovery"] is None else f"{m['recovery']:+.0%}"
+            rec = "n/a" if m["recovery"] is None else f"{m['recovery'] + 0.0:+.0%}"  # + 0.0: no "-0%"
             parts.append(f"{m['target_pre']:7.3g} / {m['pre']:6.3g}->{m['post']:6.3g} {rec:>5}".rjust(30))
         print(f"  {name:<32} " + " ".join(parts))
 
@@ -207,6 +208,7 @@ def main() -> int:
         return 3
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[var] = "1"  # nothing here needs a network, and nothing may wait for one
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' per-call progress bars; this prints its own lines
     home = args.home or Path(tempfile.mkdtemp(prefix="qubench-gpu-check-"))
     os.environ["QUBENCH_HOME"] = str(home)
 

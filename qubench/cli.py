@@ -91,18 +91,20 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
 @shared("task_params", "model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Run seed: models trained here use the task's recipe seed + this (as `run --seed` does).")
-@shared("as_json")
-def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
+@shared("device", "as_json")
+def prepare(task, task_params, model, retrain_model, seed, device, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
+    from qubench.device import resolve
     from qubench.stages import TaskData
     from qubench.stages.models import models_stage
     from qubench.tasks import muse_layout
 
     try:
+        device = resolve(device)
         plugin = registry.create("tasks", task, _params(task_params))
         data_dir = TaskData(plugin).get()
         models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
-                              progress=not as_json).get_models()
+                              progress=not as_json, device=device).get_models()
     except QubenchError as exc:
         _fail(exc)
     info = {"task": task, "data_dir": str(data_dir), "target": str(models.target_dir),

@@ -156,7 +156,8 @@ def test_pool_deals_gpu_shares_to_worker_slots(four_gpus):
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["run"], ["grid", "--dry-run"], ["verify", "."], ["submit", "--method", "x"]])
+@pytest.mark.parametrize("command", [["run"], ["grid", "--dry-run"], ["verify", "."], ["submit", "--method", "x"],
+                                     ["prepare"]])
 def test_every_command_checks_the_device_option(command):
     from qubench.cli import main
 
