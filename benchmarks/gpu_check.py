@@ -1,7 +1,7 @@
 """GPU check: build a synth-news target at GPU size, unlearn, quantize and evaluate it on the device,
 and print stage times, peak GPU memory and the results table. Offline, one command:
 
-    timeout 480 python benchmarks/gpu_check.py --device cuda --out gpu_check.json     # one CUDA GPU
+    timeout 480 python benchmarks/gpu_check.py --device cuda --out gpu_check.json 2>gpu_check.err   # one GPU
     python benchmarks/gpu_check.py --device cpu --size tiny                           # here, on the CPU
 
 What it runs, cold (a fresh QUBENCH_HOME unless --home):
@@ -13,16 +13,17 @@ What it runs, cold (a fresh QUBENCH_HOME unless --home):
   with the `vllm` engine, when the time left allows its five server start-ups.
 Every figure goes to --out (JSON, rewritten after every stage, so a run cut short by `timeout`
 still leaves what it measured). Exit status: 0 every stage ok within --budget; 1 a stage failed or
-the budget was exceeded; 3 a library is missing.
+the budget was exceeded; 2 the device is not there; 3 a library is missing. The libraries' progress
+bars go to stderr (hence `2>gpu_check.err`); stage lines, tables and failures go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -179,8 +180,12 @@ def vllm_phase(check: Check, size: str, results_dir: Path) -> None:
         check.figures["vllm"] = {"status": "skipped", "reason": f"{check.budget - check.elapsed():.0f} s left of the "
                                  f"budget, {VLLM_SECONDS} s needed for five vLLM servers"}
     else:
+        import gc
+
         from qubench.specs import PluginRef
 
+        gc.collect()
+        check.torch.cuda.empty_cache()  # vLLM sizes its KV cache from the memory free when it starts
         spec = specs(size)[("ga_gdr", "rtn-4bit")]
         spec = spec.model_copy(update={"engine": PluginRef(name="vllm", params={
             "gpu_memory_utilization": 0.5, "extra_args": ["--enforce-eager"], "startup_timeout": 240})})
@@ -200,6 +205,7 @@ def main() -> int:
     ap.add_argument("--home", type=Path, help="QUBENCH_HOME (default: a fresh temporary folder: a cold run)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds the whole check may take (default 450)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM cell")
+    ap.add_argument("--keep-home", action="store_true", help="keep the temporary QUBENCH_HOME (models, checkpoints)")
     args = ap.parse_args()
 
     missing = [lib for lib in REQUIRED if importlib.util.find_spec(lib) is None]
@@ -211,7 +217,14 @@ def main() -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' per-call progress bars; this prints its own lines
     home = args.home or Path(tempfile.mkdtemp(prefix="qubench-gpu-check-"))
     os.environ["QUBENCH_HOME"] = str(home)
+    try:
+        return check_all(args, home)
+    finally:
+        if args.home is None and not args.keep_home:  # a re-run starts cold again, and the disk stays free
+            shutil.rmtree(home, ignore_errors=True)
 
+
+def check_all(args, home: Path) -> int:
     from qubench.device import resolve
     from qubench.env import environment
     from qubench.errors import QubenchError
