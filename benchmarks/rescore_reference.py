@@ -5,6 +5,12 @@ A refactor must re-score the reference to identical values: this runs each chose
 cell, every metric field and diagnostic that differs from the shipped result (exact comparison).
 
     OMP_NUM_THREADS=1 python benchmarks/rescore_reference.py --cell ga_gdr/rtn-4bit [--cell npo_klr/gptq-4bit]
+    OMP_NUM_THREADS=1 python benchmarks/rescore_reference.py --cell ga_gdr/rtn-4bit --device cpu --fresh
+
+--device is passed to the run (default cpu, where the reference was computed). --fresh recomputes
+unlearning, quantization and every evaluation in a scratch cache that shares only the task data and
+the target/retrain models of QUBENCH_HOME (as `qubench verify` does); without it, cached stages are
+reused and only the scoring runs again.
 
 The reference was computed with one torch thread per worker: use OMP_NUM_THREADS=1 for bit-identity.
 Exit status 0 when every compared number is identical.
@@ -43,13 +49,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cell", action="append", required=True, help="METHOD/QUANT of a seed-0 reference cell")
     ap.add_argument("--reference", type=Path, default=REFERENCE)
+    ap.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    ap.add_argument("--fresh", action="store_true", help="recompute every stage after the target/retrain models")
     args = ap.parse_args()
 
     import torch
 
+    import contextlib
+
     from qubench import pipeline, results
     from qubench.quiet import quiet_libraries
     from qubench.specs import RunSpec
+    from qubench.submissions.verify import scratch_home
 
     quiet_libraries()
     print(f"torch threads: {torch.get_num_threads()}")
@@ -61,13 +72,14 @@ def main() -> int:
         shipped = json.loads(results.load(path).model_dump_json())
         spec = RunSpec.model_validate(shipped["spec"])
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as scratch:
-            rerun = json.loads(pipeline.run(spec, Path(scratch), log=lambda m: None, progress=False)
-                               .model_dump_json())
+        with tempfile.TemporaryDirectory() as scratch, (scratch_home() if args.fresh else contextlib.nullcontext()):
+            rerun = json.loads(pipeline.run(spec, Path(scratch), log=lambda m: None, progress=False,
+                                            device=args.device).model_dump_json())
         diff = differences(shipped, rerun)
         failed += bool(diff)
         verdict = "identical" if not diff else f"{len(diff)} difference(s)"
-        print(f"{cell}: {verdict} ({time.perf_counter() - t0:.0f} s)")
+        print(f"{cell}: {verdict} ({time.perf_counter() - t0:.0f} s, device {rerun['resolved']['device']['kind']}"
+              f"{', every stage after the models recomputed' if args.fresh else ''})")
         for line in diff:
             print(f"  {line}")
     return 1 if failed else 0

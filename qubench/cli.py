@@ -55,7 +55,7 @@ def main() -> None:
 @shared("task_params", "method_params", "quant_params", "engine_params", "vllm_python")
 @shared("model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int)
-@shared("batch_size", "dtype", "limit")
+@shared("batch_size", "dtype", "limit", "device")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
 @click.option("--num-processes", default=1, show_default=True, type=click.IntRange(min=1),
@@ -67,8 +67,8 @@ def main() -> None:
                                                   "state in CPU memory.")
 @shared("as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
-        retrain_model, seed, batch_size, dtype, limit, results_dir, force, num_processes, strategy, cpu_offload,
-        as_json) -> None:
+        retrain_model, seed, batch_size, dtype, limit, device, results_dir, force, num_processes, strategy,
+        cpu_offload, as_json) -> None:
     """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
     from pydantic import ValidationError
 
@@ -94,7 +94,8 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     )
     log = _stderr_log(quiet=as_json)
     try:
-        result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, parallelism=parallelism)
+        result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, device=device,
+                              parallelism=parallelism)
     except QubenchError as exc:
         _fail(exc)
     finally:
@@ -183,9 +184,10 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
 @shared("task_params", "model", "retrain_model")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Run seed: models trained here use the task's recipe seed + this (as `run --seed` does).")
-@shared("as_json")
-def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
+@shared("device", "as_json")
+def prepare(task, task_params, model, retrain_model, seed, device, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
+    from qubench.device import resolve
     from qubench.progress import reporting
     from qubench.stages import TaskData
     from qubench.stages.models import models_stage
@@ -193,11 +195,12 @@ def prepare(task, task_params, model, retrain_model, seed, as_json) -> None:
 
     log = _stderr_log(quiet=as_json)
     try:
+        device = resolve(device)
         plugin = registry.create("tasks", task, _params(task_params))
         with reporting(log):
             data_dir = TaskData(plugin).get()
             models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
-                                  progress=not as_json).get_models()
+                                  progress=not as_json, device=device).get_models()
     except QubenchError as exc:
         _fail(exc)
     info = {"task": task, "data_dir": str(data_dir), "target": str(models.target_dir),
@@ -262,7 +265,7 @@ def show(result_file, as_json) -> None:
 @click.option("--engine", default=None, help="Evaluation engine (default hf).")
 @shared("task_params", "method_params", "quant_params", "engine_params")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Run seeds 0..N-1 (default: the spec's, else 0).")
-@shared("model", "retrain_model", "batch_size", "dtype", "limit")
+@shared("model", "retrain_model", "batch_size", "dtype", "limit", "device")
 @click.option("--results", "results_dir", default="results/grid", show_default=True,
               type=click.Path(path_type=Path), help="Cell results go to DIR/cells, the aggregate to DIR/aggregate.json.")
 @shared("workers")
@@ -273,8 +276,8 @@ def show(result_file, as_json) -> None:
 @click.option("--dry-run", is_flag=True, help="Print how many cells and stages would run and how many are cached.")
 @shared("as_json")
 def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_params, quant_params, engine_params,
-         seeds, model, retrain_model, batch_size, dtype, limit, results_dir, workers, executor, ray_address, keep,
-         dry_run, as_json) -> None:
+         seeds, model, retrain_model, batch_size, dtype, limit, device, results_dir, workers, executor, ray_address,
+         keep, dry_run, as_json) -> None:
     """Run a benchmark grid: tasks x methods x quantizers x seeds, resumable, with seed aggregates.
 
     Exit status: 0 all cells ok, 1 some cell failed, 2 bad input, 130 interrupted (rerun to continue).
@@ -288,13 +291,14 @@ def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_
                           model=model, retrain_model=retrain_model, batch_size=batch_size, dtype=dtype,
                           eval_limit=limit)
         if dry_run:
-            _, counts = runner.plan(spec, results_dir)
+            _, counts = runner.plan(spec, results_dir, device)
             if as_json:
                 out.print_json(json.dumps({**counts.as_dict(), "notes": spec.notes}))
             else:
                 report.print_plan(console, counts, spec.notes, results_dir)
             return
-        options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json)
+        options = runner.GridOptions(results_dir, executor, workers, ray_address, keep, verbose=not as_json,
+                                     device=device)
         log = _stderr_log(quiet=as_json)
         summary = runner.run_grid(spec, options, log)
     except QubenchError as exc:
@@ -388,7 +392,7 @@ def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) ->
 @click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A grid spec file instead of a preset (recorded as a custom grid).")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Run seeds 0..N-1 instead of the preset's.")
-@shared("task_params", "quant_params", "limit")
+@shared("task_params", "quant_params", "limit", "device")
 @click.option("--name", default=None, help="Submission folder name (default: the package name).")
 @click.option("--out", "out_root", default="submissions", show_default=True, type=click.Path(path_type=Path))
 @click.option("--author", "authors", multiple=True, help="Author (repeatable; default: the package metadata).")
@@ -397,8 +401,8 @@ def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) ->
               help="What `pip install` is given to install the package: a requirement (default NAME==VERSION) "
                    "or a path relative to the submission folder, e.g. '.'.")
 @shared("workers")
-def submit(method, method_params, preset, spec_file, seeds, task_params, quant_params, limit, name, out_root, authors,
-           license_, source, workers) -> None:
+def submit(method, method_params, preset, spec_file, seeds, task_params, quant_params, limit, device, name, out_root,
+           authors, license_, source, workers) -> None:
     """Run the standard grid for a third-party method and write submissions/<name>/."""
     from qubench.submissions.submit import submit as run_submit
 
@@ -407,7 +411,7 @@ def submit(method, method_params, preset, spec_file, seeds, task_params, quant_p
     try:
         done = run_submit(method, _params(method_params), out_root, name=name, preset=preset, spec_file=spec_file,
                           overrides=overrides, authors=list(authors), license_=license_, source=source,
-                          workers=workers, log=lambda msg: console.print(escape(msg), highlight=False))
+                          workers=workers, device=device, log=lambda msg: console.print(escape(msg), highlight=False))
     except QubenchError as exc:
         _fail(exc)
     out.print(f"wrote {escape(str(done.folder))} ({done.cells} cells)", highlight=False)
@@ -447,15 +451,17 @@ def validate(folder, no_install, as_json) -> None:
               help="Largest accepted |submitted - re-run| on the 0-100 scales (ROUGE, accuracy, PrivLeak).")
 @click.option("--auc-tolerance", type=float, default=0.01, show_default=True, help="The same on AUC (0-1).")
 @click.option("--no-install", is_flag=True, help="Use the plugin installed here (same package and version).")
+@shared("device")
 @click.option("--json", "as_json", is_flag=True)
-def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, as_json) -> None:
+def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, device, as_json) -> None:
     """Re-run N random cells of a submission and record whether its numbers hold (verification.yaml)."""
     from qubench.submissions.schema import Tolerance
     from qubench.submissions.verify import verify as run_verify
 
     try:
         record = run_verify(folder, cells, seed, Tolerance(points=tolerance, auc=auc_tolerance),
-                            install=not no_install, log=lambda msg: console.print(escape(msg), highlight=False))
+                            install=not no_install, device=device,
+                            log=lambda msg: console.print(escape(msg), highlight=False))
     except QubenchError as exc:
         _fail(exc)
     if as_json:

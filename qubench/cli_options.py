@@ -14,6 +14,39 @@ import yaml
 
 _KV = dict(multiple=True, metavar="KEY=VALUE")
 
+
+class BatchSizeType(click.ParamType):
+    """A positive number, or `auto`."""
+
+    name = "batch_size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            text = value if isinstance(value, int) else "auto"
+        else:
+            try:
+                text = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is neither a positive number nor 'auto'", param, ctx)
+        if text != "auto" and text < 1:
+            self.fail(f"{value!r} is not a positive number (or 'auto')", param, ctx)
+        return text
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda or cuda:N (checked here; resolved against the visible GPUs when the run starts)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from qubench.device import check_choice
+        from qubench.errors import ConfigError
+
+        try:
+            return check_choice(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
 OPTIONS: dict[str, Callable] = {
     "task_params": click.option("--task-param", "task_params", **_KV,
                                 help="Task parameter (repeatable; in a grid, added to every task)."),
@@ -30,8 +63,14 @@ OPTIONS: dict[str, Callable] = {
     "model": click.option("--model", default=None, help="Existing target model: local folder or hub ID."),
     "retrain_model": click.option("--retrain-model", default=None,
                                   help="Existing retrain reference model (with --model): folder or hub ID."),
-    "batch_size": click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                               help="Evaluation batch size [default: 16]."),
+    "batch_size": click.option("--batch-size", type=BatchSizeType(), default=None, metavar="N|auto",
+                               help="Evaluation batch size, or auto: the largest that fits the GPU a model is on "
+                                    "(on the CPU, 16) [default: 16]."),
+    "device": click.option("--device", type=DeviceType(), default="auto", show_default=True,
+                           metavar="auto|cpu|cuda|cuda:N",
+                           help="Where stages run: auto = CUDA when a GPU is visible, else the CPU; cuda = every "
+                                "visible GPU; cuda:N = GPU N. Not part of the run's identity (the result and the "
+                                "stage cache record the device kind)."),
     "dtype": click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
                           help="Evaluation dtype of full-precision models [default: float32]."),
     "limit": click.option("--limit", type=click.IntRange(min=1), default=None,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench import results
+from qubench.device import Device
+from qubench.device import resolve as resolve_device
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
@@ -64,19 +66,23 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
-        progress: bool = True, parallelism: Parallelism | None = None) -> results.RunResult:
-    """Run one spec (an audit when `spec.audit` is set); reuse its stored result unless `force`, it had
-    failed, or the audited checkpoint changed since. `parallelism`: how the unlearn stage is spread over
-    processes (not part of the run's identity; the result records what ran)."""
+        progress: bool = True, device: str | Device = "auto",
+        parallelism: Parallelism | None = None) -> results.RunResult:
+    """Run one spec (an audit when `spec.audit` is set) on `device` (auto, cpu, cuda, cuda:N; see
+    qubench.device); reuse its stored result unless `force`, it had failed, or the audited checkpoint
+    changed since. The device and `parallelism` (how the unlearn stage is spread over processes) are how
+    the run executes, not what it measures: not part of the result's name; the result records them."""
     out = result_path(results_dir, spec)
     if not force and (stored := results.stored_ok(out)) is not None:
         changed = changed_since(spec.audit, stored) if spec.audit is not None else None
         if changed is None:
-            log(f"reusing stored result {out} (pass --force to recompute)")
+            ran_on = (stored.resolved.get("device") or {}).get("kind", "cpu")
+            log(f"reusing stored result {out}, computed on {ran_on} (pass --force to recompute)")
             return stored
         log(f"recomputing {out}: {changed}")
-    plugins = Plugins.from_spec(spec)  # bad names/params fail here, before any work
-    stages = RunStages(spec, plugins, log, progress, parallelism)
+    device = resolve_device(device)  # a GPU that is not there fails here, before any work
+    plugins = Plugins.from_spec(spec, device=device)  # bad names/params fail here, before any work
+    stages = RunStages(spec, plugins, log, progress, parallelism, device)
     stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
     timer = Timer()
     step = TaskData.step
@@ -127,6 +133,7 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
                                         audit)
             result.resolved["seed"] = _seed_use(spec, models)
             result.resolved["training"] = result.unlearning.get("extra", {}).get("training")  # how it trained
+            result.resolved["device"] = device.record()
             result.status = "ok"
         except Exception as exc:
             result.error = results.ErrorInfo(stage=step, type=type(exc).__name__, message=str(exc),
@@ -178,7 +185,7 @@ def _resolved(spec: RunSpec, plugins: Plugins, models: PreparedModels, unlearned
         "quant": {"name": plugins.quant.name, "params": plugins.quant.params(), "scheme": plugins.quant.scheme(),
                   "checkpoint": read_record(q_unlearned)},
         "engine": {"name": plugins.engine.name, "params": plugins.engine.params(),
-                   "version": plugins.engine.version()},
+                   "version": plugins.engine.version(), **plugins.engine.choice_record()},
         "models": {
             "target": {"id": models.target_id, "fingerprint": model_fingerprint(models.target_dir)},
             "retrain": {"id": models.retrain_id,

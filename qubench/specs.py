@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qubench import store
+
+#: Evaluation batch size: a number, or "auto" (fitted to the free memory of the GPU a model is on;
+#: the engine records what it used).
+EvalBatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
 class Frozen(BaseModel):
@@ -49,7 +53,7 @@ class RunSpec(Frozen):
     retrain_model: str | None = None
     seed: int = 0
     engine: PluginRef = PluginRef(name="hf")
-    batch_size: int = Field(16, ge=1)
+    batch_size: EvalBatchSize = 16
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eval_limit: int | None = Field(None, ge=1)  # evaluate only the first N probes of each set (smoke tests)
     audit: AuditInput | None = None     # set: audit this external unlearned model instead of unlearning

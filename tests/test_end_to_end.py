@@ -74,6 +74,26 @@ def test_same_spec_from_a_clean_cache_gives_identical_metrics(first_run, tmp_pat
         assert fresh["resolved"]["models"][model]["fingerprint"] == out["resolved"]["models"][model]["fingerprint"]
 
 
+def test_device_cpu_engine_auto_batch_auto_give_the_same_numbers_from_the_same_stages(first_run, monkeypatch):
+    """On the CPU, --device cpu is what every run did before devices existed: the unlearned model and the
+    checkpoints are found under the keys they had (nothing is unlearned or quantized again), `auto` picks
+    the hf engine and a batch of 16, and every number is identical. The result records the device and
+    the hardware."""
+    root, out = first_run
+    before = {kind: sorted(p.name for p in (root / "home" / kind).iterdir()) for kind in ("unlearned", "quantized")}
+    again = _run(root / "home", root / "results-auto", "--method", "ga_gdr", "--device", "cpu", "--engine", "auto",
+                 "--batch-size", "auto", monkeypatch=monkeypatch)
+    assert {kind: sorted(p.name for p in (root / "home" / kind).iterdir()) for kind in before} == before
+    assert again["metrics"] == out["metrics"] and again["diagnostics"] == out["diagnostics"]
+    assert again["run_id"] != out["run_id"]  # engine auto and batch auto are what this spec asked for
+    assert again["resolved"]["device"] == {"requested": "cpu", "kind": "cpu", "index": None, "count": 0,
+                                           "torch_device": "cpu"}
+    engine = again["resolved"]["engine"]
+    assert engine["name"] == "hf" and engine["requested"] == "auto" and "on the cpu" in engine["reason"]
+    assert again["environment"]["hardware"]["gpu_count"] == 0
+    assert out["resolved"]["device"]["requested"] == "auto"  # the default
+
+
 def test_npo_klr_shares_the_target_stages(first_run, monkeypatch):
     root, out = first_run
     npo = _run(root / "home", root / "results", "--method", "npo_klr", "--quant", "rtn-8bit", monkeypatch=monkeypatch)

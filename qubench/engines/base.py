@@ -14,16 +14,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
 from qubench.plugin import Plugin, PluginConfig
+from qubench.specs import EvalBatchSize
 
 #: Used when neither the model config nor the tokenizer states a usable context length.
 FALLBACK_MAX_LENGTH = 2048
 
 
+#: The request batch of engines that batch by themselves (vLLM schedules its own memory) when the
+#: batch size is "auto".
+AUTO_REQUEST_BATCH = 64
+
+
 class EngineConfig(PluginConfig):
-    batch_size: int = Field(16, ge=1)
+    batch_size: EvalBatchSize = 16
+
+    def request_batch(self) -> int:
+        """The batch size as a number, for engines that fit nothing themselves."""
+        return AUTO_REQUEST_BATCH if self.batch_size == "auto" else self.batch_size
 
 
 class Engine(Plugin, ABC):
@@ -71,3 +79,13 @@ class Engine(Plugin, ABC):
     def version(self) -> str:
         """Versions of the software that produces the numbers (recorded with cached evaluations)."""
         return "unknown"
+
+    def run_record(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        """How the engine ran one checkpoint (where, what batch size), recorded beside its metrics.
+        Not part of the evaluation's identity: what is filled in at run time (a batch size fitted
+        to free memory, say) cannot name an artifact before it is built."""
+        return {}
+
+    def choice_record(self) -> dict[str, Any]:
+        """For an engine picked by `--engine auto`: that it was, and why (see qubench.engines.auto)."""
+        return dict(getattr(self, "chosen_by_auto", None) or {})

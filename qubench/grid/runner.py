@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubench import results, store
+from qubench.device import resolve as resolve_device
 from qubench.errors import ConfigError
 from qubench.grid import aggregate as agg
 from qubench.grid.cache import KINDS
@@ -34,6 +35,7 @@ class GridOptions:
     ray_address: str | None = None
     keep: str = "checkpoints"
     verbose: bool = True      # stage messages of every cell on stderr
+    device: str = "auto"      # auto, cpu, cuda, cuda:N: where every cell runs (qubench.device)
 
 
 @dataclass
@@ -65,10 +67,10 @@ class GridReport:
                 "outcomes": [o.as_dict() for o in self.outcomes]}
 
 
-def plan(spec: GridSpec, results_dir: Path) -> tuple[list[Group], PlanCounts]:
+def plan(spec: GridSpec, results_dir: Path, device: str = "auto") -> tuple[list[Group], PlanCounts]:
     spec.validate_plugins()
     groups = expand(spec)
-    return groups, count(groups, Path(results_dir))
+    return groups, count(groups, Path(results_dir), resolve_device(device))
 
 
 def _snapshot() -> dict[str, set[str]]:
@@ -79,7 +81,7 @@ def _snapshot() -> dict[str, set[str]]:
 
 def run_grid(spec: GridSpec, options: GridOptions, log: Log = lambda msg: None) -> GridReport:
     results_dir = Path(options.results_dir)
-    groups, counts = plan(spec, results_dir)
+    groups, counts = plan(spec, results_dir, options.device)  # a GPU that is not there fails here
     cells = all_cells(groups)
     out_dir = cells_dir(results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +100,10 @@ def _execute(spec: GridSpec, options: GridOptions, groups: list[Group], counts: 
     by_group = {g.id: g for g in groups}
     jobs = [GroupJob(g.id, [(c.id, c.spec.model_dump(mode="json"), str(c.result_file(results_dir)))
                             for c in g.cells],
-                     str(cells_dir(results_dir)), home=str(store.home()), verbose=options.verbose)
+                     str(cells_dir(results_dir)), home=str(store.home()), verbose=options.verbose,
+                     device=options.device)
             for g in groups]
-    pruner = Pruner(options.keep, groups)
+    pruner = Pruner(options.keep, groups, options.device)
     outcomes: dict[str, CellOutcome] = {}
 
     def report(outcome: CellOutcome) -> None:

@@ -31,6 +31,9 @@ class UnlearnContext:
     # How training is spread over processes and devices (None: one process, CUDA when visible). Not part
     # of the result's identity; `qubench.methods.launch.unlearn` starts the processes it asks for.
     parallelism: Parallelism | None = None
+    # The device the run asked for ("cpu", "cuda:N"; qubench.device.Device.torch_device): training runs on
+    # it (an index picks the GPU of a one-process run).
+    device: str = "cpu"
 
 
 @dataclass

@@ -35,6 +35,7 @@ same storage format for target and unlearned model.
 from __future__ import annotations
 
 import math
+import os
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -245,6 +246,10 @@ def train(
 ) -> UnlearnOutcome:
     """Optimise `objective` (plus any hook terms) over the forget set, save model + tokenizer to `ctx.out_dir`
     (from the main process; every process of a distributed run calls this and returns the same outcome)."""
+    if ctx.device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        # `--device cuda:N` on one process: Accelerate takes the current CUDA device (a launcher assigns
+        # one per rank itself).
+        torch.cuda.set_device(int(ctx.device.split(":", 1)[1]))
     runtime = Runtime(config.precision, ctx.parallelism)
     try:
         return _train(runtime, ctx, config, objective, needs_reference, needs_retain, label, hooks)

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from qubench.device import CPU, Device
 from qubench.errors import ConfigError
 from qubench.models.pretrain import build_model, encode_docs, fit
 from qubench.models.tokenizer import train_tokenizer
@@ -50,8 +51,10 @@ def seeded_recipe(task: Task, seed: int = 0) -> TrainRecipe | None:
     return recipe.model_copy(update={"seed": recipe.seed + seed})
 
 
-def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progress: bool) -> None:
-    """Train the target (forget + retain) and retrain (retain only) models from one pre-trained base."""
+def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progress: bool,
+               device: Device = CPU) -> None:
+    """Train the target (forget + retain) and retrain (retain only) models from one pre-trained base,
+    on `device` (its first GPU for `cuda`: these models are small; see qubench.models.pretrain.fit)."""
     import torch
 
     torch.manual_seed(recipe.seed)
@@ -60,6 +63,9 @@ def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progr
     log: dict = {"recipe": recipe.model_dump()}
     t0 = time.perf_counter()
     base = build_model(recipe, tokenizer)
+    if device.is_cuda:  # initialised on the CPU (the same seeded weights everywhere), trained on the GPU
+        base.to(device.torch_device)
+        log["device"] = {"torch_device": device.torch_device, "precision": "bf16 autocast, float32 weights"}
     fit_args = dict(batch_size=recipe.batch_size, weight_decay=recipe.weight_decay, pad_id=tokenizer.pad_token_id,
                     progress=progress)
     log["pretrain_loss"] = fit(base, encode_docs(tokenizer, generic, recipe.max_seq_len),
@@ -70,7 +76,10 @@ def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progr
         base.load_state_dict(base_state)
         log[f"{name}_loss"] = fit(base, encode_docs(tokenizer, docs, recipe.max_seq_len), epochs=recipe.epochs,
                                   lr=recipe.lr, seed=recipe.seed + 1, label=f"training {name} model", **fit_args)
-        saved = base if recipe.save_dtype == "float32" else copy.deepcopy(base).to(getattr(torch, recipe.save_dtype))
+        if device.is_cuda:
+            saved = copy.deepcopy(base).to("cpu", getattr(torch, recipe.save_dtype))
+        else:
+            saved = base if recipe.save_dtype == "float32" else copy.deepcopy(base).to(getattr(torch, recipe.save_dtype))
         saved.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     log["seconds"] = time.perf_counter() - t0

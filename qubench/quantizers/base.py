@@ -3,6 +3,11 @@
 `quantize` writes a checkpoint that `load_quantized` reads back as an
 in-memory model for evaluation; `scheme` is the exact description recorded
 in results (library, version, format, bits, group size, symmetry, ...).
+
+Devices: on a GPU run, the stages call `quantize(..., device=...)` and
+`load_quantized(..., device=...)` with a `qubench.device.Device`; on the CPU
+they call them without it, exactly as before devices existed (so a plugin that
+takes no `device` argument keeps working, and runs where it runs).
 """
 
 from __future__ import annotations
@@ -67,12 +72,14 @@ class Quantizer(Plugin):
         """The exact scheme, recorded verbatim in every result."""
 
     @abstractmethod
-    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str]) -> QuantOutcome:
-        """Quantize the save_pretrained model in `model_dir` into `out_dir` (plus its tokenizer)."""
+    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str], device=None) -> QuantOutcome:
+        """Quantize the save_pretrained model in `model_dir` into `out_dir` (plus its tokenizer), on
+        `device` (a qubench.device.Device; None: the CPU)."""
 
     @abstractmethod
-    def load_quantized(self, out_dir: Path) -> torch.nn.Module:
-        """Load a checkpoint written by `quantize` as a float32 model ready for evaluation on CPU."""
+    def load_quantized(self, out_dir: Path, device=None) -> torch.nn.Module:
+        """Load a checkpoint written by `quantize` as a model ready for evaluation: on the CPU
+        (device None) in float32; on a GPU `device`, placed there (spread over its GPUs if needed)."""
 
     @abstractmethod
     def dequantized_weights(self, out_dir: Path) -> QuantizedWeights:

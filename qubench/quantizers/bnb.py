@@ -22,6 +22,12 @@ time (mixed-precision decomposition), not on the stored weights.
 
 lm_head stays in full precision (transformers' default for bitsandbytes, and what
 DEFAULT_IGNORE names for the other quantizers), so there is no `ignore` knob here.
+
+Devices. bitsandbytes quantizes a weight when transformers places it on its device, so the
+device map decides where quantization happens and where the model then runs: the run's GPU(s)
+(several, through a device map, for a model larger than one), or the CPU, named explicitly: left
+unset, transformers would put a bitsandbytes model on the first GPU whenever one is visible,
+even for a `--device cpu` run (on a CPU-only machine the explicit map is what it picks itself).
 """
 
 from __future__ import annotations
@@ -75,6 +81,13 @@ def _by_block(per_block: torch.Tensor, shape: torch.Size, blocksize: int) -> tor
     return per_block.repeat_interleave(blocksize)[: rows * cols].reshape(rows, cols)
 
 
+def _placement(device) -> dict[str, Any]:
+    """from_pretrained placement of a bitsandbytes model: the run's GPU(s), else the CPU (explicitly)."""
+    if device is not None and device.is_cuda:
+        return device.from_pretrained_kwargs()
+    return {"device_map": {"": "cpu"}}
+
+
 def _block_absmax(state) -> torch.Tensor:
     """The absmax of every block as the kernels use it, decoding double quantization
     (absmax stored in 8 bits, blockwise, around their mean) with the library's own code."""
@@ -107,7 +120,7 @@ class BnbQuantizer(Quantizer):
                 "transformers_version": version("transformers"), "format": "bitsandbytes", "bits": self.bits,
                 "weight_only": True, "ignore": ["lm_head"]}
 
-    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str]) -> QuantOutcome:
+    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str], device=None) -> QuantOutcome:
         del calibration  # bitsandbytes is data-free: absmax scales come from the weights alone
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,20 +128,20 @@ class BnbQuantizer(Quantizer):
         start = time.perf_counter()
         # float32 in, so the absmax statistics are computed from the exact stored weights
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                     quantization_config=self._bnb_config())
+                                                     quantization_config=self._bnb_config(), **_placement(device))
         model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
         quantized = sorted(self._bnb_modules(model))
         return QuantOutcome(seconds=time.perf_counter() - start, size_bytes=folder_size(out_dir),
                             extra={"format": "bitsandbytes", "quantized_modules": len(quantized)})
 
-    def load_quantized(self, out_dir: Path) -> torch.nn.Module:
+    def load_quantized(self, out_dir: Path, device=None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
         bnb = _bnb()
         # The bitsandbytes config is read from the checkpoint's config.json; the rest of the
         # model (embeddings, norms, lm_head) is float32.
-        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **_placement(device)).eval()
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights at the first

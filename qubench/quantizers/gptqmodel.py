@@ -11,6 +11,9 @@ formats: GPTQ ("gptq", fp16 scales) and AWQ ("gemm", bf16 model), as vLLM loads 
   than a layer is a ConfigError there.
 - `load_quantized` returns a float32 model whose quantized Linear layers hold the weights
   GPT-QModel's own unpacking gives (scales taken in float32), as the RTN plugins do.
+- Devices: GPT-QModel is given the run's device (`load(..., device=...)`: it quantizes layer by layer
+  there) and the CPU otherwise, by name, as before; its portable torch kernels are used on both,
+  and `load_quantized` puts the dequantized model on the run's device.
 - GPT-QModel is imported only when used; GPTQMODEL_CPU_WORKERS, its CPU thread pool size, is
   set to 2 unless the user set it: its default (half the cores, up to 12) oversubscribes a small
   machine that also runs the evaluation, and fewer than 2 fails inside GPT-QModel 7.6 (its model
@@ -77,6 +80,11 @@ def _layer_logs_in(folder: Path):
         loop_processor._PROJECT_LOG_DIR = default
 
 
+def _where(device) -> str:
+    """GPT-QModel's `device` argument: the run's GPU, else the CPU (by name: it would pick a GPU itself)."""
+    return device.torch_device if device is not None and device.is_cuda else "cpu"
+
+
 class GPTQModelConfig(PluginConfig):
     group_size: int = Field(128, ge=1, description="weights per scale along the input dimension")
     num_calibration_samples: int = Field(128, ge=1, description="retain documents used, in corpus order")
@@ -132,7 +140,7 @@ class GPTQModelQuantizer(Quantizer):
                               "Choose a smaller group_size, or use awq-4bit (llm-compressor).")
         return narrow
 
-    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str]) -> QuantOutcome:
+    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str], device=None) -> QuantOutcome:
         gptqmodel = _gptqmodel()
         from transformers import AutoTokenizer
 
@@ -140,7 +148,7 @@ class GPTQModelQuantizer(Quantizer):
         narrow = self._narrow(model_dir)
         rows, record = calibration_rows(model_dir, calibration, self.config.num_calibration_samples,
                                         self.config.max_seq_length)
-        model = gptqmodel.GPTQModel.load(str(model_dir), self._quantize_config(narrow), device="cpu",
+        model = gptqmodel.GPTQModel.load(str(model_dir), self._quantize_config(narrow), device=_where(device),
                                          dtype=self.fit_dtype)
         with _layer_logs_in(Path(out_dir) / "gptqmodel_logs"):
             # Our rows are already chosen and truncated: keep every one (GPT-QModel drops rows
@@ -152,20 +160,21 @@ class GPTQModelQuantizer(Quantizer):
         return QuantOutcome(seconds=time.perf_counter() - start, size_bytes=folder_size(out_dir),
                             extra={"format": self.scheme()["format"], "per_channel_modules": narrow, **record})
 
-    def _load(self, out_dir: Path) -> tuple[torch.nn.Module, QuantizedWeights]:
+    def _load(self, out_dir: Path, device=None) -> tuple[torch.nn.Module, QuantizedWeights]:
         """The float32 model with dequantized Linear layers, and those weights with their scales."""
         gptqmodel = _gptqmodel()
         from gptqmodel.nn_modules.qlinear import BaseQuantLinear
         from safetensors.torch import load_file
 
-        loaded = gptqmodel.GPTQModel.load(str(out_dir), device="cpu", backend=gptqmodel.BACKEND.TORCH)
+        loaded = gptqmodel.GPTQModel.load(str(out_dir), device=_where(device), backend=gptqmodel.BACKEND.TORCH)
         model = loaded.model
         weights, steps = {}, {}
         for name, module in list(model.named_modules()):
             if not isinstance(module, BaseQuantLinear):
                 continue
             weight, scale = self._dequantize(module)
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device=weight.device)
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)
             if module.bias is not None:
                 linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
@@ -179,12 +188,12 @@ class GPTQModelQuantizer(Quantizer):
             stored.update(load_file(shard))
         params = model.state_dict()
         model.load_state_dict({k: v.float() for k, v in stored.items() if k in params and v.shape == params[k].shape
-                               and v.is_floating_point()}, strict=False)
+                               and v.is_floating_point()}, strict=False)  # load_state_dict copies onto each device
         model.config.quantization_config = None
         return model.eval(), QuantizedWeights(weights, steps)
 
-    def load_quantized(self, out_dir: Path) -> torch.nn.Module:
-        return self._load(out_dir)[0]
+    def load_quantized(self, out_dir: Path, device=None) -> torch.nn.Module:
+        return self._load(out_dir, device)[0]
 
     def dequantized_weights(self, out_dir: Path) -> QuantizedWeights:
         return self._load(out_dir)[1]

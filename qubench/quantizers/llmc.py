@@ -4,11 +4,21 @@ written as compressed-tensors checkpoints (the format vLLM serves).
 - the group-size rule: layers narrower than a group are quantized per output channel,
   layers wider than a group must be divisible by it;
 - the scheme record, the checkpoint writer and reader, the dequantized weights and steps;
-- the calibration set GPTQ and AWQ are fitted on, tokenised once and fingerprinted.
+- the calibration set GPTQ and AWQ are fitted on, tokenised once and fingerprinted;
+- the device the fit runs on (`execution_device`).
+
+Devices, the way llm-compressor works at scale: the model is loaded in CPU memory, and oneshot's
+pipelines onload each piece to the execution device while they work on it (RTN's data-free
+pipeline runs its per-weight work there; GPTQ's and AWQ's sequential pipeline traces the model into
+decoder-layer subgraphs, onloads one layer at a time, runs the calibration batches through it, fits
+it, offloads it back and keeps the activations between layers in CPU memory). So a model larger
+than one GPU is quantized with one GPU's worth of memory for a layer and its Hessians. The
+checkpoint is then written from CPU memory as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -139,13 +149,15 @@ class CompressedTensorsQuantizer(Quantizer):
         """Run llm-compressor's oneshot on `model` in place; return what QuantOutcome.extra records."""
         raise NotImplementedError
 
-    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str]) -> QuantOutcome:
+    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str], device=None) -> QuantOutcome:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         start = time.perf_counter()
+        # In CPU memory whatever the device: oneshot onloads what it works on (see the module docstring).
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
         narrow = self._narrow_modules(model)
-        extra = self._fit(model, Path(model_dir), narrow, calibration)
+        with execution_device(device):
+            extra = self._fit(model, Path(model_dir), narrow, calibration)
         with warnings.catch_warnings():
             # a harmless notice about offloaded modules that llm-compressor emits on CPU
             warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
@@ -156,17 +168,18 @@ class CompressedTensorsQuantizer(Quantizer):
         return QuantOutcome(seconds=seconds, size_bytes=folder_size(out_dir),
                             extra={"format": written, "per_channel_modules": narrow, **extra})
 
-    def load_quantized(self, out_dir: Path) -> torch.nn.Module:
+    def load_quantized(self, out_dir: Path, device=None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
         with warnings.catch_warnings():
             # transformers warns that our `dequantize` flag overrides the checkpoint's; that is the intent
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             # Dequantize once at load: plain float32 Linear layers holding the exact grid
-            # values, so evaluation runs at full speed on CPU with the quantized weights.
+            # values, so evaluation runs at full speed on CPU with the quantized weights (on a GPU
+            # too; the low-bit kernels are the `vllm` engine's part).
             model = AutoModelForCausalLM.from_pretrained(
-                out_dir, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-            )
+                out_dir, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True),
+                **(device.from_pretrained_kwargs() if device is not None else {}))
         return model.eval()
 
     def dequantized_weights(self, out_dir: Path) -> QuantizedWeights:
@@ -192,6 +205,29 @@ class CompressedTensorsQuantizer(Quantizer):
         observer = Observer.load_from_registry(args.observer, base_name="weight", args=args)
         observer(weight)
         return observer.get_qparams()["scale"]
+
+
+#: The llm-compressor modules that ask `get_main_device()` where oneshot's work runs.
+_MAIN_DEVICE_USERS = ("llmcompressor.pipelines.sequential.pipeline", "llmcompressor.pipelines.data_free.pipeline")
+
+
+@contextlib.contextmanager
+def execution_device(device=None):
+    """Run llm-compressor's oneshot on `device` (a qubench.device.Device; None: the CPU).
+
+    llm-compressor 0.14 has no argument for it: its pipelines onload to `get_main_device()`, the
+    first accelerator whenever one is visible. That would put a `--device cpu` run on a GPU, and
+    a `--device cuda:1` run on GPU 0; so, for the length of the fit, the pipelines are given the run's
+    device instead (on a CPU-only machine that is the very device they would pick themselves)."""
+    import importlib
+
+    from compressed_tensors.utils import patch_attr
+
+    target = torch.device(device.torch_device if device is not None else "cpu")
+    with contextlib.ExitStack() as stack:
+        for name in _MAIN_DEVICE_USERS:
+            stack.enter_context(patch_attr(importlib.import_module(name), "get_main_device", lambda: target))
+        yield target
 
 
 def calibration_rows(model_dir: Path, texts: list[str], num_samples: int,

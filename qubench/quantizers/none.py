@@ -32,8 +32,8 @@ class NoQuantization(Quantizer):
     def scheme(self) -> dict[str, Any]:
         return {"family": "none", "bits": self.config.bits, "dtype": str(DTYPES[self.config.bits]).removeprefix("torch.")}
 
-    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str]) -> QuantOutcome:
-        del calibration  # nothing is fitted
+    def quantize(self, model_dir: Path, out_dir: Path, calibration: list[str], device=None) -> QuantOutcome:
+        del calibration, device  # nothing is fitted: a cast and a copy, in CPU memory
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         start = time.perf_counter()
@@ -42,10 +42,11 @@ class NoQuantization(Quantizer):
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
         return QuantOutcome(seconds=time.perf_counter() - start, size_bytes=folder_size(out_dir))
 
-    def load_quantized(self, out_dir: Path) -> torch.nn.Module:
+    def load_quantized(self, out_dir: Path, device=None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        placement = device.from_pretrained_kwargs() if device is not None else {}
+        return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **placement).eval()
 
     def dequantized_weights(self, out_dir: Path) -> QuantizedWeights:
         # No grid, so no steps: the diagnostics then compare values exactly.

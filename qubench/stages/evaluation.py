@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qubench import store
+from qubench.device import CPU, Device
 from qubench.fingerprint import model_fingerprint
 from qubench.stages.base import Stage
 
@@ -38,6 +39,7 @@ class EvalSetup:
     data_dir: Path
     limit: int | None
     dtype: str
+    device: Device = CPU
     settings: dict = field(init=False)
 
     def __post_init__(self):
@@ -46,7 +48,7 @@ class EvalSetup:
         self.settings = {"engine": self.engine.name, "engine_params": self.engine.params(),
                          "engine_version": self.engine.version(), "limit": self.limit, "dtype": self.dtype,
                          "suite": suite_hash(tasks_dir()), "data": store.stable_hash(self.data.file_hashes()),
-                         "v": EVAL_CODE_VERSION}
+                         "v": EVAL_CODE_VERSION, **self.device.identity()}
 
 
 class Evaluation(Stage):
@@ -75,11 +77,12 @@ class Evaluation(Stage):
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         with s.engine.session(self.model_dir, self.loader) as model:
             report = evaluate_model(s.engine, model, tokenizer, s.data, s.data_dir, auc_retrain=None, limit=s.limit)
+            ran = s.engine.run_record(model, tokenizer)
         # PrivLeak needs the retrain model's AUC, which is known only once every model is measured.
         metrics = {k: v for k, v in report.metrics.items() if k != "privleak"}
         with open(tmp, "w", encoding="utf-8") as fh:
             store.dump_json(fh, {"label": self.what, "model_dir": str(self.model_dir), "settings": s.settings,
-                                 "metrics": metrics, "samples": report.samples})
+                                 "ran": ran, "metrics": metrics, "samples": report.samples})
 
     def record(self) -> dict[str, Any]:
         """The measurement (metrics and per-probe samples), measured now if it is not cached yet."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qubench import store
+from qubench.device import CPU, Device
 from qubench.errors import ConfigError
 from qubench.stages.base import Stage
 
@@ -32,14 +33,15 @@ class TrainedModels(Stage):
     step = "prepare"
     group_shared = True
 
-    def __init__(self, task, data, recipe, progress: bool = True):
-        self.task, self.data, self.recipe, self.progress = task, data, recipe, progress
+    def __init__(self, task, data, recipe, progress: bool = True, device: Device = CPU):
+        self.task, self.data, self.recipe, self.progress, self.device = task, data, recipe, progress, device
 
     def identity(self) -> dict[str, Any]:
         # Only what the models are trained on: new probe files must not invalidate trained models.
+        # On a GPU they train with bf16 autocast (qubench.models.pretrain.fit): other weights, other key.
         return {"forget": store.stable_hash(self.data.forget), "retain": store.stable_hash(self.data.retain),
                 "generic": store.stable_hash(self.task.generic_corpus()), "recipe": self.recipe.model_dump(),
-                "v": TRAINING_CODE_VERSION}
+                "v": TRAINING_CODE_VERSION, **self.device.identity()}
 
     def label(self) -> str:
         return self.task.name
@@ -50,7 +52,7 @@ class TrainedModels(Stage):
     def build(self, tmp: Path) -> None:
         from qubench.models.prepare import train_pair
 
-        train_pair(self.task, self.data, self.recipe, tmp, self.progress)
+        train_pair(self.task, self.data, self.recipe, tmp, self.progress, self.device)
 
     def prepared(self) -> PreparedModels:
         root = self.path()
@@ -116,7 +118,7 @@ class ExistingModels:
 
 
 def models_stage(task, data, model: str | None, retrain_model: str | None, seed: int,
-                 progress: bool = True) -> TrainedModels | ExistingModels:
+                 progress: bool = True, device: Device = CPU) -> TrainedModels | ExistingModels:
     """How a run gets its models: existing ones when `model` is given or the task trains none, else
     the pair trained here with the task's recipe for this seed. `data` (the task's TaskData) is only
     read for a trained pair."""
@@ -130,7 +132,7 @@ def models_stage(task, data, model: str | None, retrain_model: str | None, seed:
             raise ConfigError(
                 f"--retrain-model was given without --model, but task {task.name!r} trains its own target and "
                 "retrain pair; pass --model with it (an existing target and its retrain model), or neither")
-        return TrainedModels(task, data, recipe, progress)
+        return TrainedModels(task, data, recipe, progress, device)
     target_ref = model or task.default_target
     if target_ref is None:
         raise ConfigError(f"task {task.name!r} trains no model of its own: pass --model PATH_OR_HUB_ID")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qubench import store
+from qubench.device import CPU, Device, device_kwargs
 from qubench.fingerprint import model_fingerprint
 from qubench.stages.base import Stage
 
@@ -27,14 +28,14 @@ class Quantized(Stage):
     step = "quantize"
     group_shared = False
 
-    def __init__(self, quant, model_dir: Path, data, what: str | None = None):
-        self.quant, self.model_dir = quant, Path(model_dir)
+    def __init__(self, quant, model_dir: Path, data, what: str | None = None, device: Device = CPU):
+        self.quant, self.model_dir, self.device = quant, Path(model_dir), device
         self.what = what or self.model_dir.name  # the model's role in the run (target, unlearned), for the log
         self.calibration = calibration_texts(data)
 
     def identity(self) -> dict[str, Any]:
         return {"model": model_fingerprint(self.model_dir), "quant": self.quant.name, "params": self.quant.params(),
-                "calib": store.stable_hash(self.calibration)}
+                "calib": store.stable_hash(self.calibration), **self.device.identity()}
 
     def label(self) -> str:
         return self.quant.name
@@ -43,7 +44,8 @@ class Quantized(Stage):
         return f"quantizing {self.what} with {self.quant.name}"
 
     def build(self, tmp: Path) -> None:
-        outcome = self.quant.quantize(self.model_dir, tmp, self.calibration)
+        outcome = self.quant.quantize(self.model_dir, tmp, self.calibration,
+                                      **device_kwargs(self.quant.quantize, self.device))
         store.write_json_atomic(tmp / RECORD_FILE, {"seconds": outcome.seconds, "size_bytes": outcome.size_bytes,
                                                     "extra": outcome.extra,
                                                     "calibration_hash": store.stable_hash(self.calibration),

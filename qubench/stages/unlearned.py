@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qubench import store
+from qubench.device import CPU, Device
 from qubench.fingerprint import model_fingerprint
 from qubench.stages.base import Stage
 from qubench.stages.models import PreparedModels
@@ -22,19 +23,19 @@ class Unlearned(Stage):
     group_shared = True
 
     def __init__(self, method, seed: int, models: PreparedModels, data, progress: bool = True,
-                 parallelism=None, log=lambda msg: None):
+                 parallelism=None, log=lambda msg: None, device: Device = CPU):
         self.method, self.seed, self.models, self.data, self.progress = method, seed, models, data, progress
         self.parallelism, self.log = parallelism, log  # how training is spread over processes: not identity
+        self.device = device
 
     def params(self) -> dict[str, Any]:
         """The method's parameters as they run: precision `auto` resolved for the device (bf16 on CUDA,
         fp32 on CPU), so artifacts trained at different precisions never share a key."""
         params = self.method.params()
         if "precision" in params:
-            from qubench.methods.runtime import Parallelism, default_device_type, resolve_precision
+            from qubench.methods.runtime import resolve_precision
 
-            device = default_device_type((self.parallelism or Parallelism()).device)
-            params = {**params, "precision": resolve_precision(params["precision"], device)}
+            params = {**params, "precision": resolve_precision(params["precision"], self.device.kind)}
         return params
 
     def identity(self) -> dict[str, Any]:
@@ -44,7 +45,7 @@ class Unlearned(Stage):
                  "forget": store.stable_hash(self.data.forget), "retain": store.stable_hash(self.data.retain)}
         if self.method.uses_retrain_model and self.models.retrain_dir is not None:
             ident["retrain"] = model_fingerprint(self.models.retrain_dir)
-        return ident
+        return {**ident, **self.device.identity()}
 
     #: The timing a result records this stage's work under.
     timing = "unlearn"
@@ -66,9 +67,13 @@ class Unlearned(Stage):
     def build(self, tmp: Path) -> None:
         from qubench.methods import launch
         from qubench.methods.base import UnlearnContext
+        from qubench.methods.runtime import Parallelism
 
-        ctx = UnlearnContext(self.models.target_dir, self.models.retrain_dir, self.data, tmp, self.seed, self.progress)
-        outcome = launch.unlearn(self.method, ctx, self.parallelism, self.log)  # in process, or on N processes
+        ctx = UnlearnContext(self.models.target_dir, self.models.retrain_dir, self.data, tmp, self.seed, self.progress,
+                             device=self.device.torch_device)
+        # In process, or on N processes; on the run's device kind either way.
+        plan = (self.parallelism or Parallelism()).model_copy(update={"device": self.device.kind})
+        outcome = launch.unlearn(self.method, ctx, plan, self.log)
         store.write_json_atomic(tmp / LOG_FILE, {"steps": outcome.steps,
                                                  "final": outcome.log[-1] if outcome.log else {},
                                                  "extra": outcome.extra, "log": outcome.log})

@@ -97,6 +97,9 @@ class Verification(Strict):
     results_digest: str           # integrity.combined_digest of results/ when it was verified
     verified_by: Producer = Field(default_factory=Producer)
     note: str = ""
+    # Where the re-runs ran (qubench.device.Device.record() and the machine's hardware): a CPU and a
+    # GPU re-run may differ within the tolerance.
+    device: dict[str, Any] = Field(default_factory=dict)
 
 
 def read_yaml(path: Path) -> Any:

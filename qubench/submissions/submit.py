@@ -60,7 +60,7 @@ class Submitted:
 def submit(method: str, params: dict[str, Any], out_root: Path, *, name: str | None = None,
            preset: str = "default", spec_file: Path | None = None, overrides: dict[str, Any] | None = None,
            authors: list[str] | None = None, license_: str | None = None, source: str | None = None,
-           workers: int = 1, log: Log = lambda msg: None) -> Submitted:
+           workers: int = 1, device: str = "auto", log: Log = lambda msg: None) -> Submitted:
     from qubench.grid import runner
 
     ep = method_entry_point(method)
@@ -92,7 +92,8 @@ def submit(method: str, params: dict[str, Any], out_root: Path, *, name: str | N
     results_dir = folder / schema.RESULTS_DIR
     log(f"running {len(grid.tasks) * len(grid.quantizers) * len(grid.seeds)} cells for {method} "
         f"({package} {version}) into {results_dir}")
-    report = runner.run_grid(grid, runner.GridOptions(results_dir, workers=workers, verbose=False), log)
+    report = runner.run_grid(grid, runner.GridOptions(results_dir, workers=workers, verbose=False, device=device),
+                             log)
     git = git_state()
     sub = schema.Submission(
         name=name, description=meta.get("Summary") or "", authors=authors, license=license_,

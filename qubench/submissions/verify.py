@@ -101,7 +101,9 @@ def _check_method_package(sub: Submission) -> None:
 
 
 def verify(folder: Path, cells: int = 1, seed: int | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE,
-           install: bool = True, log: Log = lambda msg: None) -> Verification:
+           install: bool = True, device: str = "auto", log: Log = lambda msg: None) -> Verification:
+    from qubench.device import resolve as resolve_device
+    from qubench.env import hardware
     from qubench.grid.plan import all_cells, expand
     from qubench.grid.spec import parse_spec
 
@@ -112,6 +114,7 @@ def verify(folder: Path, cells: int = 1, seed: int | None = None, tolerance: Tol
         raise ConfigError(f"{folder}: {exc}") from None
     if cells < 1:
         raise ConfigError("--cells must be at least 1")
+    device = resolve_device(device)  # a GPU that is not there fails here, before anything is installed
     grid = parse_spec(sub.preset.grid, f"{schema.SUBMISSION_FILE} preset.grid")
     results_dir = folder / schema.RESULTS_DIR
     stored: dict[str, tuple[Path, RunResult]] = {}
@@ -137,7 +140,8 @@ def verify(folder: Path, cells: int = 1, seed: int | None = None, tolerance: Tol
             log(f"re-running {cell.id} ...")
             with tempfile.TemporaryDirectory(prefix="qubench-verify-results-") as out:
                 try:
-                    rerun = pipeline.run(cell.spec, Path(out), force=True, log=lambda msg: None, progress=False)
+                    rerun = pipeline.run(cell.spec, Path(out), force=True, log=lambda msg: None, progress=False,
+                                         device=device)
                 except pipeline.RunFailed as exc:
                     mismatches, worst = [f"the re-run failed: {exc}"], None
                 else:
@@ -156,6 +160,7 @@ def verify(folder: Path, cells: int = 1, seed: int | None = None, tolerance: Tol
                                     git_dirty=git.get("dirty")),
         note=("cells re-run from scratch (unlearning, quantization, evaluation) with the task data and "
               "target/retrain models of the verifier's cache"),
+        device={**device.record(), "hardware": hardware()},
     )
     schema.dump_yaml(record, folder / schema.VERIFICATION_FILE)
     return record

@@ -35,12 +35,30 @@ class Sizes:
 PRESETS = {
     "default": Sizes(n_forget=100, n_retain=100, n_holdout=100, facts_per_doc=5, n_generic=400, icl_examples=3),
     "micro": Sizes(n_forget=12, n_retain=12, n_holdout=12, facts_per_doc=3, n_generic=20, icl_examples=3),
+    "gpu": Sizes(n_forget=100, n_retain=100, n_holdout=100, facts_per_doc=5, n_generic=2000, icl_examples=3),
 }
 
 MICRO_RECIPE = TrainRecipe(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
     pretrain_epochs=1, epochs=3, batch_size=8,
 )
+
+# A ~160M-parameter Llama for one GPU (benchmarks/gpu_check.py), sized so that training it takes well
+# under a minute on an H100/H200. Parameters: embeddings and lm_head 2 x 4096 x 1024 = 8.4M; each of
+# 12 layers 4 x 1024^2 (attention) + 3 x 1024 x 2816 (MLP) = 12.85M; 162.6M in all. Tokens (measured
+# with the trained 4096-token vocabulary): 4,000 generic documents (2,000 articles and their QA
+# sheets, 154 tokens on average, 615k in all) x 3 pre-training epochs = 1.85M, then 20 epochs over
+# forget + retain (22.5k tokens: 0.45M) for the target and over retain (0.22M) for the retrain
+# model: 2.5M trained tokens. At 6 FLOPs per parameter per trained token that is
+# 6 x 162.6M x 2.5M = 2.5e15 FLOPs: 2.5 s at the H100/H200's 989 TFLOP/s dense bf16 peak, ~17 s at
+# the ~15% of peak an eager PyTorch Llama this small reaches with 5k-token batches; plus ~600
+# optimizer steps (batch 32) of mostly kernel-launch overhead, ~10 s. The widths are multiples of 128
+# (group-128 quantization applies to every layer) and the heads 64 wide (vLLM's kernels take them).
+GPU_RECIPE = TrainRecipe(
+    vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16,
+    pretrain_epochs=3, pretrain_lr=1e-3, epochs=20, lr=5e-4, batch_size=32,
+)
+RECIPES = {"default": TrainRecipe(), "micro": MICRO_RECIPE, "gpu": GPU_RECIPE}
 
 
 class SynthNews(Task):
@@ -57,6 +75,9 @@ class SynthNews(Task):
       at the standard ~1.3M-parameter recipe on a 2-core CPU.
     - ``micro``: 12 / 12 / 12 articles, 3 details, 20 generic, and a 2-layer
       width-64 recipe for 3 epochs: for tests, it only has to run fast.
+    - ``gpu``: the default's 100 / 100 / 100 articles with 2,000 generic ones,
+      and a ~160M-parameter 12-layer width-1024 recipe (GPU_RECIPE) that trains
+      in under a minute on one H100/H200 (run it with --device cuda).
 
     Probes: one KnowMem question per forget (retain) article, one VerbMem
     probe per forget (holdout) article, each capped at 100; PrivLeak lists
@@ -69,7 +90,7 @@ class SynthNews(Task):
     description = "Offline synthetic news about invented people, towns and organisations (seeded, MUSE layout)"
 
     class Config(PluginConfig):
-        size: Literal["default", "micro"] = "default"
+        size: Literal["default", "micro", "gpu"] = "default"
         n_forget: int | None = Field(None, ge=1, le=5000)
         n_retain: int | None = Field(None, ge=1, le=5000)
         n_holdout: int | None = Field(None, ge=1, le=5000)
@@ -93,8 +114,7 @@ class SynthNews(Task):
         return build_world(self.config.seed, s.n_forget, s.n_retain, s.n_holdout, s.n_generic, s.facts_per_doc)
 
     def train_recipe(self) -> TrainRecipe:
-        preset = MICRO_RECIPE if self.config.size == "micro" else TrainRecipe()
-        return with_overrides(preset, self.config.recipe)
+        return with_overrides(RECIPES[self.config.size], self.config.recipe)
 
     def generic_corpus(self) -> list[str]:
         """Generic articles, plus (with `generic_qa`) question-answer sheets about their facts in

@@ -46,6 +46,8 @@ class GroupJob:
     home: str | None = None              # QUBENCH_HOME for the worker
     threads: int | None = None           # torch threads in a worker process
     verbose: bool = True
+    device: str = "auto"                 # the --device choice, resolved in the worker (qubench.device)
+    visible_gpus: str | None = None      # CUDA_VISIBLE_DEVICES of a worker process given its own GPUs
     meta: dict = field(default_factory=dict)
 
 
@@ -70,7 +72,8 @@ def run_group(job: GroupJob, report: Report) -> None:
             continue
         reused = results.stored_ok(out) is not None
         try:
-            pipeline.run(spec, Path(job.results_dir), log=lambda msg: log(f"{cell_id}: {msg}"), progress=False)
+            pipeline.run(spec, Path(job.results_dir), log=lambda msg: log(f"{cell_id}: {msg}"), progress=False,
+                         device=job.device)
         except pipeline.RunFailed as exc:
             err = exc.result.error
             report(CellOutcome(cell_id, "failed", str(out), time.perf_counter() - t0,

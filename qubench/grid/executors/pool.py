@@ -5,6 +5,10 @@ worker killed by the kernel's out-of-memory killer, or crashing in native code, 
 its own group, whose unfinished cells are recorded as failed; the other workers go on. Workers
 racing for a shared stage (the target, its evaluations) wait on the stage's lock, so it is
 computed once.
+
+On GPUs (`--device cuda` or `auto` where GPUs are visible), each worker process sees its own share of
+them through CUDA_VISIBLE_DEVICES (`qubench.device.worker_gpus`): 8 GPUs and 4 workers give each
+worker 2; more workers than GPUs take turns on them. A share is handed back when its worker ends.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def _die_with_parent() -> None:
 
 
 def _worker(job: GroupJob, conn) -> None:
+    if job.visible_gpus is not None:  # before anything asks CUDA which GPUs there are
+        os.environ["CUDA_VISIBLE_DEVICES"] = job.visible_gpus
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides how an interrupt ends the grid
     from qubench.quiet import quiet_libraries
@@ -60,11 +66,13 @@ class ProcessPoolExecutor(Executor):
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         pending = list(jobs)
         running: dict = {}  # sentinel -> [process, connection, job, cell ids reported]
+        free_gpus = _gpu_shares(jobs, self.workers)  # one share per worker slot (None: no GPUs dealt)
         try:
             while pending or running:
                 while pending and len(running) < self.workers:
                     job = pending.pop(0)
                     job.threads = job.threads or threads
+                    job.visible_gpus = free_gpus.pop(0)
                     receiver, sender = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_worker, args=(job, sender), name=f"qubench-grid-{job.group_id}")
                     proc.start()
@@ -79,12 +87,22 @@ class ProcessPoolExecutor(Executor):
                         fill_missing(job, seen, death_reason(proc.exitcode), report)
                         receiver.close()
                         del running[sentinel]
+                        free_gpus.append(job.visible_gpus)
                         group_done(job)
         finally:
             for proc, receiver, _, _ in running.values():
                 proc.terminate()
                 proc.join()
                 receiver.close()
+
+
+def _gpu_shares(jobs: list[GroupJob], workers: int) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES value of each worker slot, for the device the jobs ask for."""
+    if not jobs:
+        return [None] * workers
+    from qubench.device import resolve, worker_gpus
+
+    return worker_gpus(workers, resolve(jobs[0].device))
 
 
 def _drain(receiver, seen: set[str], report: Report) -> None:

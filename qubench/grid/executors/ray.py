@@ -5,6 +5,10 @@ this process). On a cluster (`--ray-address`), QUBENCH_HOME and the results fold
 filesystem every node sees: workers share stages through the cache and write results there. A
 task whose worker dies is not retried (`max_retries=0`); its unfinished cells are recorded as
 failed and the other groups go on.
+
+GPUs: on a CUDA device choice (`cuda`, or `auto` on a cluster that has GPUs) each group task asks
+Ray for one GPU (`num_gpus=1`), and Ray gives it that GPU alone (CUDA_VISIBLE_DEVICES), so tasks
+never share one; `cuda:N` is refused, since Ray, not the user, decides which GPU a task gets.
 """
 
 from __future__ import annotations
@@ -37,6 +41,20 @@ def _run_group_task(job: GroupJob) -> list[CellOutcome]:
     return outcomes
 
 
+def task_gpus(device: str, cluster_gpus: float) -> int:
+    """GPUs each group task asks Ray for: 1 for a CUDA device choice, else 0."""
+    from qubench.device import check_choice
+
+    choice = check_choice(device)
+    if choice.startswith("cuda:"):
+        raise ConfigError(f"--device {choice} with --executor ray: Ray assigns each task its GPU; "
+                          "use --device cuda (or auto)")
+    if choice == "cuda" and not cluster_gpus:
+        raise ConfigError("--device cuda with --executor ray: the Ray cluster has no GPU resources; "
+                          "use --device cpu, or start Ray on GPU nodes")
+    return 1 if choice == "cuda" or (choice == "auto" and cluster_gpus) else 0
+
+
 class RayExecutor(Executor):
     def __init__(self, address: str | None = None, workers: int = 1):
         self.address = address
@@ -53,7 +71,9 @@ class RayExecutor(Executor):
         # Environment a worker needs, whoever started the cluster: the cache location and the
         # driver's thread setting (a local instance does not always forward the driver's env).
         env = {k: os.environ[k] for k in ("QUBENCH_HOME", "OMP_NUM_THREADS") if k in os.environ}
-        task = ray.remote(num_cpus=1, max_retries=0)(_run_group_task).options(runtime_env={"env_vars": env})
+        gpus = task_gpus(jobs[0].device if jobs else "cpu", ray.cluster_resources().get("GPU", 0))
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_run_group_task).options(
+            runtime_env={"env_vars": env})
         futures = {task.remote(job): job for job in jobs}
         try:
             while futures:
