@@ -7,20 +7,22 @@ models and quantized checkpoints are computed once and shared by every run that 
 
 from __future__ import annotations
 
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qubench import results
+from qubench import preflight, results, store
 from qubench.errors import QubenchError
 from qubench.evaluation.measure import measure_models
 from qubench.fingerprint import model_fingerprint
 from qubench.scoring import diagnostics_for, score
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData, Unlearned
-from qubench.stages.models import PreparedModels
+from qubench.stages.models import ExistingModels, PreparedModels
 from qubench.stages.quantized import read_record
 from qubench.stages.run import Plugins, RunStages
 from qubench.stages.unlearned import read_log
@@ -29,8 +31,10 @@ from qubench.tasks import muse_layout
 Log = Callable[[str], None]
 #: The step a failure outside every stage is recorded under.
 SCORE_STEP = "score"
+#: Where a finished run's result goes when its results folder cannot take it (under QUBENCH_HOME).
+UNSAVED_KIND = "unsaved_results"
 
-__all__ = ["Plugins", "RunFailed", "result_path", "run"]
+__all__ = ["Plugins", "ResultNotSaved", "RunFailed", "result_path", "run"]
 
 
 @dataclass
@@ -51,14 +55,24 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         progress: bool = True) -> results.RunResult:
-    """Run one spec; reuse its stored result unless `force` or it had failed."""
+    """Run one spec; reuse its stored result unless `force` or it had failed. `force` also rebuilds
+    every cached stage the run uses (shared ones included: see `store.rebuilding`)."""
     out = result_path(results_dir, spec)
-    if not force and (stored := results.stored_ok(out)) is not None:
+    if not force and (stored := results.stored_ok(out, spec)) is not None:
         log(f"reusing stored result {out} (pass --force to recompute)")
         return stored
     plugins = Plugins.from_spec(spec)  # bad names/params fail here, before any work
     stages = RunStages(spec, plugins, log, progress)
-    stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
+    models = stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
+    if isinstance(models, ExistingModels):
+        models.check()  # and so does a model folder that cannot be loaded
+    preflight.writable_folder(Path(results_dir), "results folder", preflight.MIN_FREE_RESULTS)
+    preflight.writable_folder(store.home_path(), "QUBENCH_HOME", preflight.MIN_FREE_HOME)
+    with store.rebuilding() if force else nullcontext():
+        return _run(spec, plugins, stages, out, log)
+
+
+def _run(spec: RunSpec, plugins: Plugins, stages: RunStages, out: Path, log: Log) -> results.RunResult:
     timer = Timer()
     step = TaskData.step
     result = results.RunResult(run_id=spec.run_id(), status="failed", spec=spec)
@@ -102,10 +116,29 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
 
         result.timings = timer.timings
         result.environment = environment(spec)
-        results.save(result, out)
+        kept = _save(result, out)
+    if kept is not None:
+        raise ResultNotSaved(result, out, *kept)
     if result.error is not None:
         raise RunFailed(result, out)
     return result
+
+
+def _save(result: results.RunResult, out: Path) -> tuple[Path, str] | None:
+    """Write the result to `out`; if that fails after all the compute (the folder went away, the disk
+    filled up), keep it under QUBENCH_HOME (else the temp folder) and return (where, why)."""
+    try:
+        results.save(result, out)
+        return None
+    except OSError as exc:
+        why = f"{type(exc).__name__}: {exc.strerror or exc}"
+    for folder in (store.home() / UNSAVED_KIND, Path(tempfile.gettempdir()) / "qubench-unsaved-results"):
+        try:
+            results.save(result, folder / out.name)
+            return folder / out.name, why
+        except OSError:
+            continue
+    raise ResultNotSaved(result, out, None, why)
 
 
 def _quantized(stage: Quantized, log: Log) -> Path:
@@ -120,6 +153,17 @@ def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:
             "target_training": models.recipe["seed"] if models.recipe else None,
             "note": ("target and retrain trained here with recipe seed = task recipe seed + run seed"
                      if models.recipe else "existing target/retrain models: the seed varies unlearning only")}
+
+
+class ResultNotSaved(QubenchError):
+    """The run finished but its result could not be written to the results folder."""
+
+    def __init__(self, result: results.RunResult, path: Path, kept: Path | None, why: str):
+        where = f"it is kept at {kept} (`qubench show {kept}`; copy it to {path.parent} once that is writable)" \
+            if kept is not None else "it could not be kept anywhere else either"
+        super().__init__(f"the run finished (status {result.status}) but its result could not be written to {path} "
+                         f"({why}); {where}. Every stage it computed is cached: a rerun only scores again.")
+        self.result, self.path, self.kept = result, path, kept
 
 
 class RunFailed(QubenchError):

@@ -68,8 +68,17 @@ class Stage(ABC):
     def exists(self) -> bool:
         return self.path().is_file() if self.is_file else self.path().is_dir()
 
+    def space_needed(self) -> int:
+        """About how many bytes building the artifact writes (checked against free space first)."""
+        return 0
+
     def get(self) -> Path:
-        """The artifact's path, built first if it is not there yet."""
+        """The artifact's path, built first if it is not there yet (or rebuilt if it is damaged: the build
+        records a manifest of what it wrote, checked on every reuse, see `qubench.store`)."""
+        if not self.exists():
+            from qubench.preflight import free_space
+
+            free_space(self.path().parent, self.space_needed(), f"{self.kind} artifact {self.name()}")
         if self.is_file:
             return store.cached_file(self.path(), self.build)
         return store.cached_dir(self.path(), self.build)

@@ -5,7 +5,6 @@ lm-eval suite actually read, so the target's measurements are shared by every me
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,4 +81,4 @@ class Evaluation(Stage):
 
     def metrics(self) -> dict[str, float | None]:
         """The model's metrics (measured now if they are not cached yet)."""
-        return json.loads(self.get().read_text(encoding="utf-8"))["metrics"]
+        return store.read_json(self.get(), "metrics")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,11 @@ class Unlearned(Stage):
             ident["retrain"] = model_fingerprint(self.models.retrain_dir)
         return ident
 
+    def space_needed(self) -> int:
+        from qubench.preflight import folder_size
+
+        return folder_size(self.models.target_dir)  # at most the size of the model it starts from
+
     def label(self) -> str:
         return self.method.name
 
@@ -51,5 +55,5 @@ def read_log(unlearned_dir: Path) -> dict:
     path = Path(unlearned_dir) / LOG_FILE
     if not path.exists():
         return {}
-    log = json.loads(path.read_text())
+    log = store.read_json(path)
     return {"steps": log.get("steps"), "final": log.get("final"), "extra": log.get("extra", {})}
