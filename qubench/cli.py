@@ -151,6 +151,10 @@ def show(result_file, as_json) -> None:
         result = results.load(result_file)
     except (ValidationError, ValueError, OSError, RecursionError) as exc:
         _fail(QubenchError(f"{result_file} is not a valid qubench result: {exc}"))
+    _, problem = results.read_stored(result_file)
+    if problem is not None:  # shown anyway (it is yours to inspect), but never silently
+        console.print(f"[yellow]warning:[/yellow] {escape(problem)} (the leaderboard would reject this file)",
+                      highlight=False)
     if as_json:
         out.print_json(result.model_dump_json())
     else:

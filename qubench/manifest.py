@@ -2,8 +2,8 @@
 
 When a stage is built (`qubench.store.cached_dir` / `cached_file`), the sha256 and size of every file
 it wrote are recorded: in `qubench_manifest.json` inside a folder artifact (a `qubench_*` side file,
-so it is no part of a model's fingerprint), or in a hidden `.<name>.qubench_manifest.json` beside a
-file artifact. Reading the artifact back checks it against the record. The check is cheap: sizes
+so it is no part of a model's fingerprint), or in `.manifests/<name>.json` beside a file artifact
+(a hidden folder, like the `.locks/` beside it). Reading the artifact back checks it against the record. The check is cheap: sizes
 first, then each file's digest through `qubench.fingerprint.file_digest`, which re-reads a file only
 when its size, inode or modification/change time differ from when it was last hashed. So a truncated
 checkpoint, a cut-short JSON or a tensor zeroed in place (still valid floats) is found before
@@ -23,14 +23,16 @@ from pathlib import Path
 
 #: Inside folder artifacts.
 MANIFEST_FILE = "qubench_manifest.json"
+#: Beside file artifacts: the folder of their manifests.
+MANIFEST_DIR = ".manifests"
 MANIFEST_VERSION = 1
 #: No safetensors header qubench reads is larger (the format's own limit is 100 MB).
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def sidecar(path: Path) -> Path:
-    """Where the manifest of a file artifact lives: hidden, beside it."""
-    return path.parent / f".{path.name}.{MANIFEST_FILE}"
+    """Where the manifest of a file artifact lives: in a hidden folder beside it."""
+    return path.parent / MANIFEST_DIR / f"{path.name}.json"
 
 
 def manifest_path(path: Path) -> Path:

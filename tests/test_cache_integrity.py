@@ -81,7 +81,7 @@ def test_file_artifacts_keep_their_manifest_beside_them(home, monkeypatch):
         tmp.write_text(json.dumps({"metrics": {"verbmem_f": 12.5}}))
 
     path = store.cached_file(home / "evals" / "m.json", build)
-    assert manifest.sidecar(path).name == ".m.json.qubench_manifest.json" and manifest.sidecar(path).exists()
+    assert manifest.sidecar(path) == home / "evals" / ".manifests" / "m.json.json" and manifest.sidecar(path).exists()
     path.write_text('{"metrics": {"verbmem_f": 99')  # cut short
     monkeypatch.setenv(store.NO_REBUILD_ENV, "1")
     with pytest.raises(CacheError, match=r"m\.json is 28 bytes, 32 when it was built \(truncated\)"):

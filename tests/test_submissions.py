@@ -162,7 +162,7 @@ def test_verify_records_the_rerun_outside_the_folder_and_the_board_badges_each_c
     (source,) = board.sources
     assert source.badge == "submitted" and source.note.startswith("1 of 2 cells verified")
     assert "caught with probability 50%" in source.note
-    rows = {r.quantizer: r for r in ranking.rank(build_rows(board))}
+    rows = {r.quantizer.split(" ")[0]: r for r in ranking.rank(build_rows(board))}  # "rtn-4bit (group_size=64)"
     assert rows[rerun_quant].badge == "verified" and rows[rerun_quant].verified
     assert rows[rerun_quant].plugin == "qubench-random-relabel 0.1.0"
     assert load_board([], submitted.parent).runs[0].badge == "submitted"  # no records folder: nothing verified
