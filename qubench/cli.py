@@ -53,11 +53,10 @@ def main() -> None:
 @click.option("--quant", default="rtn-4bit", show_default=True, help="Quantizer plugin.")
 @click.option("--engine", default="hf", show_default=True, help="Evaluation engine plugin.")
 @shared("task_params", "method_params", "quant_params", "engine_params", "vllm_python")
-@shared("model", "retrain_model")
-@click.option("--seed", default=0, show_default=True, type=int)
-@shared("batch_size", "dtype", "limit", "device")
+@shared("model", "retrain_model", "seed", "batch_size", "dtype", "limit", "device")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
+@click.option("--force", is_flag=True, help="Recompute everything: the result and every cached stage the run uses "
+                                            "(shared ones such as the task's target models included).")
 @click.option("--num-processes", default=1, show_default=True, type=click.IntRange(min=1),
               help="Unlearning processes on this machine (one per GPU). Not part of the run's identity: the global "
                    "batch is the same (batch_size must divide by it). Or start qubench with `accelerate launch`.")
@@ -65,7 +64,7 @@ def main() -> None:
               help="ddp: a model replica per process; fsdp: FSDP2 full shard; deepspeed: ZeRO-3.")
 @click.option("--cpu-offload", is_flag=True, help="With fsdp/deepspeed: keep weights, gradients and optimizer "
                                                   "state in CPU memory.")
-@shared("as_json")
+@shared("no_rebuild", "as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
         retrain_model, seed, batch_size, dtype, limit, device, results_dir, force, num_processes, strategy,
         cpu_offload, as_json) -> None:
@@ -140,12 +139,13 @@ def _use_vllm_python(engine: str, vllm_python: str | None) -> None:
               help="Audit even when the target does not remember the forget set measurably more than its "
                    "reference (the result says its recovery figures carry no information).")
 @click.option("--engine", default="hf", show_default=True, help="Evaluation engine plugin.")
-@shared("task_params", "quant_params", "engine_params", "vllm_python", "batch_size", "dtype", "limit")
+@shared("task_params", "quant_params", "engine_params", "vllm_python", "batch_size", "dtype", "limit", "device")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
-@shared("as_json")
+@click.option("--force", is_flag=True, help="Recompute everything: the results and every cached stage they use.")
+@shared("no_rebuild", "as_json")
 def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow_no_separation, engine, task_params,
-          quant_params, engine_params, vllm_python, batch_size, dtype, limit, results_dir, force, as_json) -> None:
+          quant_params, engine_params, vllm_python, batch_size, dtype, limit, device, results_dir, force,
+          as_json) -> None:
     """Audit a model unlearned elsewhere: quantize it and its target, evaluate both before and after,
     and report how much of the forgetting each quantizer undoes. Bad input (another network or
     tokenizer, nothing unlearned, a target that never saw the task's forget set) stops before any
@@ -166,11 +166,11 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
                      engine=PluginRef(name=engine, params=_params(engine_params)), model=target,
                      retrain_model=retrain, audit=check,
                      **set_only(batch_size=batch_size, dtype=dtype, eval_limit=limit)) for quant in quants]
-    log = (lambda msg: console.print(escape(msg), highlight=False)) if not as_json else (lambda msg: None)
+    log = _stderr_log(quiet=as_json)
     done = []
     for spec in specs:
         try:
-            done.append(pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json))
+            done.append(pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, device=device))
         except QubenchError as exc:
             _fail(exc)
         if not as_json:
@@ -181,22 +181,24 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
 
 @main.command()
 @click.option("--task", default="synth-news", show_default=True)
-@shared("task_params", "model", "retrain_model")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Run seed: models trained here use the task's recipe seed + this (as `run --seed` does).")
-@shared("device", "as_json")
+@shared("task_params", "model", "retrain_model", "seed", "device", "no_rebuild", "as_json")
 def prepare(task, task_params, model, retrain_model, seed, device, as_json) -> None:
     """Prepare a task's data and its target and retrain models (cached)."""
+    from qubench import preflight, store
     from qubench.device import resolve
     from qubench.progress import reporting
     from qubench.stages import TaskData
-    from qubench.stages.models import models_stage
+    from qubench.stages.models import ExistingModels, models_stage
     from qubench.tasks import muse_layout
 
     log = _stderr_log(quiet=as_json)
     try:
         device = resolve(device)
         plugin = registry.create("tasks", task, _params(task_params))
+        planned = models_stage(plugin, None, model, retrain_model, seed)  # bad model options fail before any work
+        if isinstance(planned, ExistingModels):
+            planned.check()
+        preflight.writable_folder(store.home_path(), "QUBENCH_HOME", preflight.MIN_FREE_HOME)
         with reporting(log):
             data_dir = TaskData(plugin).get()
             models = models_stage(plugin, muse_layout.load(data_dir), model, retrain_model, seed,
@@ -246,8 +248,12 @@ def show(result_file, as_json) -> None:
 
     try:
         result = results.load(result_file)
-    except (ValidationError, ValueError) as exc:
+    except (ValidationError, ValueError, OSError, RecursionError) as exc:
         _fail(QubenchError(f"{result_file} is not a valid qubench result: {exc}"))
+    _, problem = results.read_stored(result_file)
+    if problem is not None:  # shown anyway (it is yours to inspect), but never silently
+        console.print(f"[yellow]warning:[/yellow] {escape(problem)} (the leaderboard would reject this file)",
+                      highlight=False)
     if as_json:
         out.print_json(result.model_dump_json())
     else:
@@ -274,7 +280,7 @@ def show(result_file, as_json) -> None:
 @click.option("--keep", type=click.Choice(["checkpoints", "results"]), default="checkpoints", show_default=True,
               help="results: delete the unlearned and quantized checkpoints this grid built once no cell needs them.")
 @click.option("--dry-run", is_flag=True, help="Print how many cells and stages would run and how many are cached.")
-@shared("as_json")
+@shared("no_rebuild", "as_json")
 def grid(spec_file, preset, tasks, methods, quants, engine, task_params, method_params, quant_params, engine_params,
          seeds, model, retrain_model, batch_size, dtype, limit, device, results_dir, workers, executor, ray_address,
          keep, dry_run, as_json) -> None:
@@ -368,14 +374,16 @@ def cache_clean(kinds, dry_run, as_json) -> None:
 @click.option("--submissions", "submissions_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of submissions to show beside the results (default: the repository's submissions/).")
 @click.option("--no-submissions", is_flag=True, help="Show the results folders only.")
-@click.option("--port", type=int, default=8501, show_default=True)
+@click.option("--verifications", "verifications_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The maintainers' verification records (default: the repository's leaderboard/verifications/).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
-def leaderboard(results_dirs, submissions_dir, no_submissions, port, address) -> None:
+def leaderboard(results_dirs, submissions_dir, no_submissions, verifications_dir, port, address) -> None:
     """Start the leaderboard web page (Streamlit) on the results of a grid and the submissions."""
     from qubench.leaderboard.launch import streamlit_command
 
     try:
-        cmd = streamlit_command(list(results_dirs), submissions_dir, no_submissions, port, address)
+        cmd = streamlit_command(list(results_dirs), submissions_dir, no_submissions, port, address, verifications_dir)
     except QubenchError as exc:
         _fail(exc)
     console.print(f"leaderboard on http://{address}:{port} (Ctrl+C stops it)", highlight=False)
@@ -445,23 +453,32 @@ def validate(folder, no_install, as_json) -> None:
 
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--cells", type=int, default=1, show_default=True, help="How many randomly chosen cells to re-run.")
-@click.option("--seed", type=int, default=None, help="Seed of the random choice (default: a fresh one, recorded).")
-@click.option("--tolerance", type=float, default=1.0, show_default=True,
+@click.option("--cells", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many cells to re-run (drawn at random, see --seed).")
+@click.option("--seed", default=None,
+              help="Fixes the draw instead of a fresh nonce (recorded either way; the cells follow from it and the "
+                   "submission's digest).")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Largest accepted |submitted - re-run| on the 0-100 scales (ROUGE, accuracy, PrivLeak).")
-@click.option("--auc-tolerance", type=float, default=0.01, show_default=True, help="The same on AUC (0-1).")
+@click.option("--auc-tolerance", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+              help="The same on AUC (0-1).")
+@click.option("--verifications", "verifications_dir", type=click.Path(file_okay=False, path_type=Path),
+              default="leaderboard/verifications", show_default=True,
+              help="The maintainers' folder the record is written to (as <name>.yaml), outside the submission.")
 @click.option("--no-install", is_flag=True, help="Use the plugin installed here (same package and version).")
 @shared("device")
 @click.option("--json", "as_json", is_flag=True)
-def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, device, as_json) -> None:
-    """Re-run N random cells of a submission and record whether its numbers hold (verification.yaml)."""
-    from qubench.submissions.schema import Tolerance
+def verify(folder, cells, seed, tolerance, auc_tolerance, verifications_dir, no_install, device, as_json) -> None:
+    """Re-run N random cells of a submission and record whether its numbers hold (leaderboard/verifications/)."""
+    from qubench.submissions import verification
+    from qubench.submissions.schema import Tolerance, verification_path
     from qubench.submissions.verify import verify as run_verify
 
     try:
         record = run_verify(folder, cells, seed, Tolerance(points=tolerance, auc=auc_tolerance),
                             install=not no_install, device=device,
-                            log=lambda msg: console.print(escape(msg), highlight=False))
+                            log=lambda msg: console.print(escape(msg), highlight=False),
+                            verifications=verifications_dir)
     except QubenchError as exc:
         _fail(exc)
     if as_json:
@@ -470,7 +487,13 @@ def verify(folder, cells, seed, tolerance, auc_tolerance, no_install, device, as
         for check in record.cells:
             for mismatch in check.mismatches:
                 console.print(f"  {escape(check.cell)}: {escape(mismatch)}", highlight=False)
+        k, n = len(record.cells), record.cells_in_grid
         verdict = "[green]verified[/green]" if record.verified else "[bold red]NOT verified[/bold red]"
-        out.print(f"{escape(str(folder))}: {verdict} ({len(record.cells)} of {record.cells_in_grid} cells re-run, "
-                  f"tolerance {tolerance:g} points / {auc_tolerance:g} AUC, selection seed {record.selection_seed})")
+        out.print(f"{escape(str(folder))}: {verdict} ({k} of {n} cells re-run, tolerance {tolerance:g} points / "
+                  f"{auc_tolerance:g} AUC, selection nonce {escape(record.selection.nonce)})", highlight=False)
+        advice = "" if k >= n else (f"; re-run {verification.cells_for(0.9, n)} cells for 90%, "
+                                    f"{verification.cells_for(0.99, n)} for 99%")
+        out.print(f"a single tampered cell would have been caught with probability {k}/{n} = "
+                  f"{record.detection_probability:.0%}{advice}", highlight=False)
+        out.print(f"record: {escape(str(verification_path(verifications_dir, record.submission)))}", highlight=False)
     sys.exit(0 if record.verified else 1)

@@ -7,6 +7,7 @@ command passes on only what the user set, and the spec's own default applies oth
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import click
@@ -75,6 +76,12 @@ OPTIONS: dict[str, Callable] = {
                           help="Evaluation dtype of full-precision models [default: float32]."),
     "limit": click.option("--limit", type=click.IntRange(min=1), default=None,
                           help="Evaluate only the first N probes of each set (smoke tests)."),
+    "seed": click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Run seed: unlearning, and models trained here use the task's recipe seed + this."),
+    "no_rebuild": click.option("--no-rebuild", is_flag=True, callback=lambda ctx, param, value: _no_rebuild(ctx, value),
+                               expose_value=False, is_eager=True,
+                               help="Stop, naming the file, when a cached artifact differs from what its build "
+                                    "wrote, instead of rebuilding it."),
     "workers": click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                             help="Local worker processes (or Ray's local CPUs)."),
     "as_json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of tables."),
@@ -95,6 +102,18 @@ def shared(*names: str) -> Callable:
     return decorate
 
 
+def _no_rebuild(ctx: click.Context, value: bool) -> None:
+    # Through the environment, so grid worker processes see it too (qubench.store reads it); put back
+    # as it was when the command ends.
+    if value:
+        from qubench.store import NO_REBUILD_ENV
+
+        previous = os.environ.get(NO_REBUILD_ENV)
+        os.environ[NO_REBUILD_ENV] = "1"
+        ctx.call_on_close(lambda: os.environ.pop(NO_REBUILD_ENV, None) if previous is None
+                          else os.environ.__setitem__(NO_REBUILD_ENV, previous))
+
+
 def parse_params(pairs: tuple[str, ...]) -> dict:
     """KEY=VALUE pairs; values parsed as YAML scalars so 1e-5, 3, true and [a, b] work."""
     params = {}
@@ -102,7 +121,14 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
         if "=" not in pair:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
         key, value = pair.split("=", 1)
-        parsed = yaml.safe_load(value)
+        if not key.strip():
+            raise click.BadParameter(f"{pair!r} has no KEY before '='")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            where = f" ({exc.problem})" if getattr(exc, "problem", None) else ""
+            raise click.BadParameter(f"{pair!r}: {value!r} is not a valid value{where}; quote it to pass a "
+                                     "string, or write a list as [a, b]") from None
         if isinstance(parsed, str):  # YAML 1.1 reads "1e-5" as a string; users mean a number
             try:
                 parsed = float(parsed)

@@ -15,3 +15,11 @@ class PluginLoadError(QubenchError):
 
 class DataError(QubenchError):
     """Task data is missing or malformed."""
+
+
+class CacheError(QubenchError):
+    """A cached artifact is damaged (it differs from what its build wrote) and may not be rebuilt."""
+
+
+class StorageError(QubenchError):
+    """A folder qubench must write to is not writable or has too little free space."""

@@ -55,6 +55,12 @@ def file_digest(path: Path | str) -> str:
     return digest
 
 
+def remember(path: Path | str, digest: str) -> None:
+    """Record `digest` as the content of `path` as it is now (its builder has just hashed it)."""
+    path = Path(path).absolute()
+    store.write_json_atomic(_memo_path(path), {"path": str(path), "stat": _stat_key(path.stat()), "sha256": digest})
+
+
 def model_files(path: Path) -> list[Path]:
     """The files that make up a model folder (everything but qubench's own `qubench_*` side files)."""
     return [p for p in sorted(Path(path).rglob("*")) if p.is_file() and not p.name.startswith("qubench_")]

@@ -11,13 +11,15 @@ unlearning, or a checkpoint made elsewhere, whose input checks refuse bad input 
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qubench import results
+from qubench import preflight, results, store
 from qubench.device import Device
 from qubench.device import resolve as resolve_device
 from qubench.errors import QubenchError
@@ -30,7 +32,7 @@ from qubench.scoring import diagnostics_for, score, separation
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData
 from qubench.stages.external import CHECK_STEP, changed_since
-from qubench.stages.models import PreparedModels
+from qubench.stages.models import ExistingModels, PreparedModels
 from qubench.stages.quantized import read_record
 from qubench.stages.run import Plugins, RunStages
 from qubench.stages.unlearned import read_log
@@ -39,8 +41,10 @@ from qubench.tasks import muse_layout
 Log = Callable[[str], None]
 #: The step a failure outside every stage is recorded under.
 SCORE_STEP = "score"
+#: Where a finished result goes when its results folder cannot be written (under QUBENCH_HOME).
+UNSAVED_KIND = "unsaved_results"
 
-__all__ = ["Plugins", "RunFailed", "result_path", "run"]
+__all__ = ["Plugins", "ResultNotSaved", "RunFailed", "result_path", "run"]
 
 
 @dataclass
@@ -70,10 +74,11 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         parallelism: Parallelism | None = None) -> results.RunResult:
     """Run one spec (an audit when `spec.audit` is set) on `device` (auto, cpu, cuda, cuda:N; see
     qubench.device); reuse its stored result unless `force`, it had failed, or the audited checkpoint
-    changed since. The device and `parallelism` (how the unlearn stage is spread over processes) are how
-    the run executes, not what it measures: not part of the result's name; the result records them."""
+    changed since. `force` also rebuilds every cached stage the run uses (shared ones included: see
+    `store.rebuilding`). The device and `parallelism` (how the unlearn stage is spread over processes) are
+    how the run executes, not what it measures: not part of the result's name; the result records them."""
     out = result_path(results_dir, spec)
-    if not force and (stored := results.stored_ok(out)) is not None:
+    if not force and (stored := results.stored_ok(out, spec)) is not None:
         changed = changed_since(spec.audit, stored) if spec.audit is not None else None
         if changed is None:
             ran_on = (stored.resolved.get("device") or {}).get("kind", "cpu")
@@ -83,7 +88,16 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
     device = resolve_device(device)  # a GPU that is not there fails here, before any work
     plugins = Plugins.from_spec(spec, device=device)  # bad names/params fail here, before any work
     stages = RunStages(spec, plugins, log, progress, parallelism, device)
-    stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
+    models = stages.models(data=None)  # a model option that cannot apply to this task fails here, before any work
+    if isinstance(models, ExistingModels):
+        models.check()  # and so does a model folder that cannot be loaded
+    preflight.writable_folder(Path(results_dir), "results folder", preflight.MIN_FREE_RESULTS)
+    preflight.writable_folder(store.home_path(), "QUBENCH_HOME", preflight.MIN_FREE_HOME)
+    with store.rebuilding() if force else nullcontext():
+        return _run(spec, plugins, stages, out, log, device)
+
+
+def _run(spec: RunSpec, plugins: Plugins, stages: RunStages, out: Path, log: Log, device: Device) -> results.RunResult:
     timer = Timer()
     step = TaskData.step
     result = results.RunResult(run_id=spec.run_id(), status="failed", spec=spec)
@@ -145,10 +159,31 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
 
             result.timings = timer.timings
             result.environment = environment(spec)
-            results.save(result, out)
+            kept = _save(result, out)
+    if kept is not None:
+        raise ResultNotSaved(result, out, *kept)
     if result.error is not None:
         raise RunFailed(result, out)
     return result
+
+
+def _save(result: results.RunResult, out: Path) -> tuple[Path, str] | None:
+    """Write the result to `out`; if that fails after all the compute (the folder went away, the disk
+    filled up), keep it under QUBENCH_HOME (else the temp folder) and return (where, why)."""
+    try:
+        results.save(result, out)
+        return None
+    except OSError as exc:
+        why = f"{type(exc).__name__}: {exc.strerror or exc}"
+    for folder in (store.home() / UNSAVED_KIND, Path(tempfile.gettempdir()) / "qubench-unsaved-results"):
+        try:
+            results.save(result, folder / out.name)
+            return folder / out.name, why
+        except OSError:
+            continue
+    raise ResultNotSaved(result, out, None, why)
+
+
 
 
 def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:
@@ -162,6 +197,17 @@ def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:
             "target_training": models.recipe["seed"] if models.recipe else None,
             "note": ("target and retrain trained here with recipe seed = task recipe seed + run seed"
                      if models.recipe else "existing target/retrain models: the seed varies unlearning only")}
+
+
+class ResultNotSaved(QubenchError):
+    """The run finished but its result could not be written to the results folder."""
+
+    def __init__(self, result: results.RunResult, path: Path, kept: Path | None, why: str):
+        where = f"it is kept at {kept} (`qubench show {kept}`; copy it to {path.parent} once that is writable)" \
+            if kept is not None else "it could not be kept anywhere else either"
+        super().__init__(f"the run finished (status {result.status}) but its result could not be written to {path} "
+                         f"({why}); {where}. Every stage it computed is cached: a rerun only scores again.")
+        self.result, self.path, self.kept = result, path, kept
 
 
 class RunFailed(QubenchError):

@@ -215,10 +215,22 @@ def load(path: Path) -> RunResult:
     return RunResult.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
-def stored_ok(path: Path) -> RunResult | None:
-    """The result stored at `path` if it is there, readable and ok; None otherwise (run it again)."""
-    try:
-        result = load(path) if Path(path).exists() else None
-    except (ValueError, OSError):
+def read_stored(path: Path) -> tuple[RunResult | None, str | None]:
+    """(result, None) for a sound result file at `path`, else (None, why): read bounded and checked like
+    any result file (`qubench.submissions.integrity.read_result`), so a damaged one never raises."""
+    from qubench.submissions.integrity import read_result  # it builds on this module
+
+    if not Path(path).exists() and not Path(path).is_symlink():
+        return None, "no result file"
+    result, _, reason = read_result(Path(path))
+    return result, reason
+
+
+def stored_ok(path: Path, spec: RunSpec | None = None) -> RunResult | None:
+    """The result stored at `path` if it is there, sound, ok and (given `spec`) of that very spec; None
+    otherwise (run it again)."""
+    result, _ = read_stored(path)
+    if result is None or result.status != "ok":
         return None
-    return result if result is not None and result.status == "ok" else None
+    # read_result checked that run_id is the hash of the stored spec: equal run_ids, equal specs
+    return result if spec is None or result.run_id == spec.run_id() else None

@@ -541,7 +541,7 @@ def test_a_submitted_audit_is_ranked_with_the_methods(tmp_path):
     submission = Source(name="theirs", kind="submission", folder=str(tmp_path), badge="not verified")
     runs = {m: _with(make_result(m, forget=(40.0, 10.0, post)), model=TARGET) for m, post in (("ga", 20.0),)}
     runs["audit"] = _audit_result("theirs", post=11.0)
-    rows = [_row(submission, [Run(key=k, source="theirs", path=k, sha256="0", text="", result=r)])
+    rows = [_row(submission, [Run(key=k, source="theirs", path=k, sha256="0", text="", result=r, badge="submitted")])
             for k, r in runs.items()]
     ranked = ranking.rank(rows)
     assert [(r.method, r.rank) for r in ranked] == [("external:theirs", 1), ("ga", 2)]

@@ -120,8 +120,9 @@ def test_rank_shares_reassemble_the_micro_batch_and_its_gradient(tiny_model_dir)
     batch = collate([windows[3], windows[0], windows[1]], tokenizer.pad_token_id)  # 2, 12 and 7 tokens
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
-    with torch.no_grad():
-        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))  # model != reference
+    with torch.no_grad():  # model != reference; seeded, and large enough that tokens' NLLs differ (see below)
+        noise = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+        model.lm_head.weight.add_(0.5 * noise)
     with torch.no_grad():
         target_logits = logits_of(reference, batch)
 

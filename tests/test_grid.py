@@ -21,7 +21,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from qubench import registry, results, store
+from qubench import manifest, registry, results, store
 from qubench.cli import main
 from qubench.errors import ConfigError
 from qubench.grid import aggregate as agg
@@ -249,9 +249,11 @@ def test_killed_grid_resumes_to_the_same_results(reference, tmp_path):
     assert summary["reused"] == 1 and summary["ok"] == 4
     assert results.load(first).created == first_created  # the finished cell was not redone
     assert cell_metrics(out) == cell_metrics(root / "results")  # nothing lost, nothing different
-    # No half-written artifact anywhere: only complete entries and the lock folders are left.
+    # No half-written artifact anywhere: only complete entries, the lock folders and the manifests of
+    # file artifacts are left.
     for folder in [out / "cells", *(p for p in home.iterdir() if p.is_dir())]:
-        hidden = [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != store.LOCK_DIR]
+        hidden = [p.name for p in folder.iterdir()
+                  if p.name.startswith(".") and p.name not in (store.LOCK_DIR, manifest.MANIFEST_DIR)]
         assert hidden == [], folder
 
 

@@ -151,7 +151,7 @@ def test_cache_ls_lists_every_kind_a_run_creates(home):
     res = CliRunner().invoke(main, ["cache", "ls", "--json"])
     assert res.exit_code == 0, res.output
     kinds = [k["kind"] for k in json.loads(res.stdout)["kinds"]]
-    assert kinds == [*STAGE_KINDS, "hashes", "logs"]
+    assert kinds == [*STAGE_KINDS, "hashes", "logs", "unsaved_results"]
     assert all(k["description"] for k in json.loads(res.stdout)["kinds"])
     res = CliRunner().invoke(main, ["cache", "clean", "--kind", "hinge_logits", "--dry-run"])
     assert res.exit_code == 0, res.output

@@ -164,8 +164,11 @@ def aggregate(cells, results_dir: Path, grid: dict, confidence: float = 0.95, re
     failures = []
     for cell in cells:
         path = cell.result_file(results_dir)
-        result = results.load(path) if path.exists() else None
+        result, reason = results.read_stored(path)
         by_row[(cell.task, cell.method, cell.quant)].append((cell.seed, result))
+        if result is None and path.exists():  # damaged: listed, and rerun by the next `qubench grid`
+            failures.append(Failure(cell=cell.id, stage="result file", type="UnreadableResult",
+                                    message=f"{reason}; run the grid again to recompute it", result_file=str(path)))
         if result is not None and result.status != "ok":
             err = result.error
             failures.append(Failure(cell=cell.id, stage=err.stage if err else "interrupted",
@@ -206,5 +209,14 @@ def save(agg: GridAggregate, path: Path) -> None:
     store.write_json_atomic(path, json.loads(agg.model_dump_json()))
 
 
+#: An aggregate holds a few numbers per (task, method, quantizer, metric): far below this even for big grids.
+MAX_AGGREGATE_BYTES = 200_000_000
+
+
 def load(path: Path) -> GridAggregate:
-    return GridAggregate.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    """An aggregate file, read bounded (size, nesting) like every file qubench reads back; ValueError
+    with the reason when it is not one."""
+    from qubench import untrusted
+
+    _, text = untrusted.read_json(Path(path), MAX_AGGREGATE_BYTES)
+    return GridAggregate.model_validate_json(text)

@@ -83,7 +83,7 @@ def stored_status(cell: Cell, results_dir: Path) -> str | None:
     path = cell.result_file(results_dir)
     if not path.exists():
         return None
-    return "ok" if results.stored_ok(path) is not None else "failed"
+    return "ok" if results.stored_ok(path, cell.spec) is not None else "failed"
 
 
 # --- dry-run counts -------------------------------------------------------------------------------

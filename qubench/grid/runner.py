@@ -80,8 +80,12 @@ def _snapshot() -> dict[str, set[str]]:
 
 
 def run_grid(spec: GridSpec, options: GridOptions, log: Log = lambda msg: None) -> GridReport:
+    from qubench import preflight
+
     results_dir = Path(options.results_dir)
     groups, counts = plan(spec, results_dir, options.device)  # a GPU that is not there fails here
+    preflight.writable_folder(results_dir, "results folder", preflight.MIN_FREE_RESULTS)
+    preflight.writable_folder(store.home_path(), "QUBENCH_HOME", preflight.MIN_FREE_HOME)
     cells = all_cells(groups)
     out_dir = cells_dir(results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,7 @@ def _execute(spec: GridSpec, options: GridOptions, groups: list[Group], counts: 
     jobs = [GroupJob(g.id, [(c.id, c.spec.model_dump(mode="json"), str(c.result_file(results_dir)))
                             for c in g.cells],
                      str(cells_dir(results_dir)), home=str(store.home()), verbose=options.verbose,
-                     device=options.device)
+                     device=options.device, no_rebuild=store.no_rebuild())
             for g in groups]
     pruner = Pruner(options.keep, groups, options.device)
     outcomes: dict[str, CellOutcome] = {}
@@ -139,10 +143,9 @@ def _stage_seconds(outcomes) -> dict[str, float]:
     for o in outcomes:
         if o.reused or not Path(o.result_file).exists():
             continue
-        try:
-            timings = results.load(Path(o.result_file)).timings
-        except (ValueError, OSError):
+        result, _ = results.read_stored(Path(o.result_file))
+        if result is None:
             continue
-        for stage, secs in timings.items():
+        for stage, secs in result.timings.items():
             total[stage] = total.get(stage, 0.0) + secs
     return total

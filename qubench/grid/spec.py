@@ -131,10 +131,18 @@ class GridSpec(BaseModel):
                        batch_size=self.batch_size, dtype=self.dtype, eval_limit=self.eval_limit, audit=audit.input())
 
     def validate_plugins(self) -> None:
-        """Instantiate every plugin once, so a typo fails the grid before any work starts."""
+        """Instantiate every plugin once, so a typo fails the grid before any work starts; so do model
+        options that cannot apply to a task (--retrain-model without --model on a task that trains its
+        own pair) and model folders that cannot be loaded."""
+        from qubench.stages.models import ExistingModels, models_stage
+
         for family, entries in (("tasks", self.tasks), ("methods", self.methods), ("quantizers", self.quantizers)):
             for entry in entries:
-                registry.create(family, entry.name, entry.params)
+                plugin = registry.create(family, entry.name, entry.params)
+                if family == "tasks":
+                    planned = models_stage(plugin, None, self.model, self.retrain_model, self.seeds[0])
+                    if isinstance(planned, ExistingModels):
+                        planned.check()
         registry.create("engines", self.engine.name, {"batch_size": self.batch_size, **self.engine.params})
 
 

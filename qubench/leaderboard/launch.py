@@ -13,7 +13,7 @@ APP = REPO / "leaderboard" / "app.py"
 
 
 def streamlit_command(results: list[Path], submissions: Path | None, no_submissions: bool = False,
-                      port: int = 8501, address: str = "127.0.0.1") -> list[str]:
+                      port: int = 8501, address: str = "127.0.0.1", verifications: Path | None = None) -> list[str]:
     if importlib.util.find_spec("streamlit") is None:
         raise ConfigError("the leaderboard needs Streamlit and Altair: pip install -e '.[leaderboard]'")
     if not APP.is_file():
@@ -28,11 +28,15 @@ def streamlit_command(results: list[Path], submissions: Path | None, no_submissi
             raise ConfigError(f"results folder {folder} does not exist")
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
            "--server.address", address, "--server.port", str(port), "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--"]
+           "--server.fileWatcherType", "none",
+           # Should anything unforeseen still raise, the browser gets its type, not a traceback with server paths.
+           "--client.showErrorDetails", "type", "--"]
     for folder in results:
         cmd += ["--results", str(Path(folder).resolve())]
     if no_submissions:
         cmd.append("--no-submissions")
     elif submissions is not None:
         cmd += ["--submissions", str(Path(submissions).resolve())]
+    if verifications is not None:
+        cmd += ["--verifications", str(Path(verifications).resolve())]
     return cmd

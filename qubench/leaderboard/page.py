@@ -21,18 +21,22 @@ RESULT_PARAM = "result"
 
 
 @st.cache_data(show_spinner="reading result files ...", max_entries=4)
-def _load(results: tuple[str, ...], submissions: str | None, files_signature: str) -> tuple[Board, pd.DataFrame]:
+def _load(results: tuple[str, ...], submissions: str | None, verifications: str | None,
+          files_signature: str) -> tuple[Board, pd.DataFrame]:
     # files_signature is only part of the cache key: it changes when any file under the sources changes.
-    board = load_board([Path(r) for r in results], Path(submissions) if submissions else None)
+    board = load_board([Path(r) for r in results], Path(submissions) if submissions else None,
+                       Path(verifications) if verifications else None)
     frame = table.to_frame(ranking.rank(build_rows(board)))
     return board, frame
 
 
-def main(results: list[Path], submissions: Path | None) -> None:
+def main(results: list[Path], submissions: Path | None, verifications: Path | None = None) -> None:
     st.set_page_config(page_title="qubench leaderboard", layout="wide")
     res = tuple(str(r) for r in results)
     sub = str(submissions) if submissions else None
-    board, frame = _load(res, sub, signature([Path(r) for r in res], Path(sub) if sub else None))
+    ver = str(verifications) if verifications else None
+    board, frame = _load(res, sub, ver, signature([Path(r) for r in res], Path(sub) if sub else None,
+                                                  Path(ver) if ver else None))
     key = st.query_params.get(RESULT_PARAM)
     if key:
         run = board.run(key)
@@ -61,7 +65,8 @@ def _filter(frame: pd.DataFrame) -> pd.DataFrame:
     methods = sb.multiselect("methods", _options(frame[~frame.standing.str.startswith("baseline")], "method"),
                              key="filter_methods", placeholder="all methods")
     verified = sb.checkbox("verified only", key="filter_verified",
-                           help="Keep the project's reference results and submissions verified by re-running cells.")
+                           help="Keep the project's reference results and rows whose every cell the maintainers "
+                                "re-ran with `qubench verify` and found matching.")
     sb.caption("An empty filter keeps everything. Target and retrain baselines stay visible whatever the "
                "method filter.")
     keep = pd.Series(True, index=frame.index)
@@ -143,6 +148,10 @@ def _detail_picker(board: Board, shown: pd.DataFrame) -> None:
 
 def _sources(board: Board) -> None:
     st.subheader("Sources")
+    st.caption("A submission's cell is *verified* when the maintainers re-ran it with `qubench verify` (record in "
+               "leaderboard/verifications/, never in the submitter's folder) and its numbers match the re-run's; "
+               "every other cell is *submitted*. The 'why' column says how many cells are verified and how likely "
+               "the draw was to catch one tampered cell.")
     records = [{"source": s.name, "kind": s.kind, "badge": s.badge, "why": s.note, "package": s.package,
                 "version": s.version, "folder": s.folder} for s in board.sources]
     st.dataframe(pd.DataFrame.from_records(records, columns=["source", "kind", "badge", "why", "package", "version",
@@ -183,8 +192,8 @@ def detail_page(board: Board, run: Run) -> None:
     st.title("Result")
     st.text(detail.title(run))
     st.caption("Source and verification")
-    st.dataframe(pd.DataFrame([{"source": run.source, "badge": source.badge if source else None,
-                                "why": source.note if source else None, "file": run.path, "sha256": run.sha256,
+    st.dataframe(pd.DataFrame([{"source": run.source, "badge": run.badge, "why": run.badge_note,
+                                "source badge": source.badge if source else None, "file": run.path, "sha256": run.sha256,
                                 "status": result.status, "created": str(result.created)}]), hide_index=True)
     if result.error is not None:
         st.error("This run failed.")

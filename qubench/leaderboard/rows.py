@@ -4,6 +4,7 @@ by the hierarchical, paired bootstrap over seeds and probes, measurements by the
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import replace
 from datetime import datetime
@@ -105,6 +106,15 @@ def _stats(runs: list[Run], metric: str | None) -> MetricStats | None:
     return MetricStats(name=metric, values=values, verdict=verdict(controlled))
 
 
+def _badge(runs: list[Run]) -> tuple[str, bool]:
+    """A row's badge from its cells' own: verified only when every seed's cell is, else it says how many are."""
+    badges = {r.badge for r in runs}
+    if len(badges) == 1:
+        return runs[0].badge, runs[0].verified
+    verified = sum(r.badge == "verified" for r in runs)
+    return f"submitted ({verified} of {len(runs)} cells verified)", False
+
+
 @lru_cache(maxsize=1)
 def builtin_methods() -> frozenset[str]:
     """qubench's own method names, read from its distribution metadata (no plugin is imported)."""
@@ -140,7 +150,9 @@ def _composition(result: RunResult) -> str:
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _row(source: Source, runs: list[Run]) -> Row:
@@ -162,9 +174,10 @@ def _row(source: Source, runs: list[Run]) -> Row:
     setting = spec.model_dump(mode="json")
     for key in ("seed", "method", "audit"):  # an audited checkpoint is compared with methods in its setting
         setting.pop(key, None)
+    badge, verified = _badge(runs)
     return Row(
         key=f"{source.name}/{store.stable_hash([r.key for r in runs])}",
-        source=source.name, badge=source.badge, verified=source.verified,
+        source=source.name, badge=badge, verified=verified,
         task=_label(spec.task.name, spec.task.params), method=spec.method.name,
         composition=_composition(first), plugin=_plugin(source, first),
         quantizer=_label(spec.quant.name, spec.quant.params), quant_family=scheme.get("family"),

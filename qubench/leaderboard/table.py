@@ -62,7 +62,7 @@ COLUMNS = [
     Column("utility_change", "utility change", "number", "post - pre: the unlearned model's utility change under quantization (a utility metric has no recovery)."),
     Column("utility_target_post", "target utility (q)", "number", "Utility of the target quantized the same way: the ranking's reference."),
     Column("utility_target_change", "target utility change", "number", "The target's own utility change under quantization."),
-    Column("badge", "verified", "text", "reference: the project's own run; verified: re-run by `qubench verify` and matched; else not verified."),
+    Column("badge", "verified", "text", "reference: the project's own run; verified: every cell of the row re-run by `qubench verify` (maintainers) and matched; submitted: not (all) re-run, with how many are; not verified: a local results folder."),
     Column("source", "source", "text", "Where the row comes from: the reference grid, a submission or a results folder."),
     Column("date", "date", "date", "When the newest of the row's runs finished."),
 ]

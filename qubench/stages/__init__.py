@@ -14,7 +14,8 @@ from qubench.stages.evaluation import Evaluation
 
 #: Cache kinds that are not stages: bookkeeping a run also writes under QUBENCH_HOME.
 OTHER_KINDS = {"hashes": "remembered content digests of files (fingerprint memo)",
-               "logs": "logs of servers qubench started (vLLM)"}
+               "logs": "logs of servers qubench started (vLLM)",
+               "unsaved_results": "results of finished runs whose results folder could not take them"}
 
 
 def step_is_group_shared(step: str) -> bool:

@@ -73,15 +73,24 @@ class Stage(ABC):
     def exists(self) -> bool:
         return self.path().is_file() if self.is_file else self.path().is_dir()
 
+    def space_needed(self) -> int:
+        """About how many bytes building the artifact writes (checked against free space first)."""
+        return 0
+
     def get(self) -> Path:
-        """The artifact's path, built first if it is not there yet. Either way the current run hears of
-        it (`qubench.progress`): a line when the build starts and one when it ends, with its elapsed
-        time, or one saying it was cached. Every stage of every command logs here, nowhere else."""
+        """The artifact's path, built first if it is not there yet (or rebuilt if it is damaged: the build
+        records a manifest of what it wrote, checked on every reuse, see `qubench.store`). Either way the
+        current run hears of it (`qubench.progress`): a line when the build starts and one when it ends,
+        with its elapsed time, or one saying it was cached. Every stage of every command logs here."""
         from qubench import progress
 
-        if self.exists():
+        if store.reusable(self.path(), self.is_file):  # there, intact as recorded, and not to be rebuilt
             progress.cached(self.activity())
             return self.path()
+        if not self.exists():
+            from qubench.preflight import free_space
+
+            free_space(self.path().parent, self.space_needed(), f"{self.kind} artifact {self.name()}")
         with progress.stage(self.activity()):
             if self.is_file:
                 return store.cached_file(self.path(), self.build)

@@ -5,7 +5,6 @@ lm-eval suite actually read, so the target's measurements are shared by every me
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +85,9 @@ class Evaluation(Stage):
 
     def record(self) -> dict[str, Any]:
         """The measurement (metrics and per-probe samples), measured now if it is not cached yet."""
-        return json.loads(self.get().read_text(encoding="utf-8"))
+        record = store.read_json(self.get())
+        store.read_json(self.path(), "metrics")  # a record without metrics is named, not a KeyError later
+        return record
 
     def metrics(self) -> dict[str, float | None]:
         return self.record()["metrics"]

@@ -3,7 +3,6 @@ and forget windows): the target's forget logits, and a quantizer-derived margin 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -75,4 +74,4 @@ class HingeMargin(Stage):
                                  "params": self.quantizer.params()})
 
     def delta_q(self) -> float:
-        return json.loads(self.get().read_text(encoding="utf-8"))["delta_q"]
+        return store.read_json(self.get(), "delta_q")

@@ -68,8 +68,26 @@ class ExistingModels:
     """Models that already exist (local folders or hub IDs): qubench neither builds nor caches them
     (hub downloads go to the Hugging Face cache)."""
 
-    def __init__(self, target_ref: str, retrain_ref: str | None):
+    def __init__(self, target_ref: str, retrain_ref: str | None, target_option: str = "--model",
+                 retrain_option: str = "--retrain-model"):
         self.target_ref, self.retrain_ref = target_ref, retrain_ref
+        # How the user named each model (an option, or the task's default), for error messages.
+        self.options = {"target": target_option, "retrain": retrain_option}
+
+    def check(self) -> None:
+        """Before any work: a model named by a path must be a loadable model folder, and a reference that
+        is neither a folder nor a hub ID is refused (hub models are checked once downloaded)."""
+        from qubench.preflight import check_model_folder
+
+        for which, ref in (("target", self.target_ref), ("retrain", self.retrain_ref)):
+            if ref is None:
+                continue
+            path = Path(ref).expanduser()
+            if path.exists():
+                check_model_folder(path, self.options[which])
+            elif ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+                raise ConfigError(f"{self.options[which]} {ref}: no such folder, and not a hub ID of the form "
+                                  "owner/name")
 
     def local(self, ref: str | None) -> Path | None:
         """The folder of an existing model, without downloading anything; None if it is not here yet."""
@@ -104,11 +122,15 @@ class ExistingModels:
     def get_models(self) -> PreparedModels:
         from qubench import progress
         from qubench.models.prepare import resolve_model
+        from qubench.preflight import check_model_folder
 
         def resolve() -> PreparedModels:
-            return PreparedModels(resolve_model(self.target_ref),
-                                  resolve_model(self.retrain_ref) if self.retrain_ref else None,
-                                  self.target_ref, self.retrain_ref, None)
+            target = resolve_model(self.target_ref)
+            retrain = resolve_model(self.retrain_ref) if self.retrain_ref else None
+            for which, path in (("target", target), ("retrain", retrain)):
+                if path is not None:  # downloads too: a hub snapshot without a tokenizer fails here, named
+                    check_model_folder(path, self.options[which])
+            return PreparedModels(target, retrain, self.target_ref, self.retrain_ref, None)
 
         if self.exists():  # local folders or already in the hub cache: nothing to wait for
             progress.say(f"{self.activity()}: found")
@@ -137,4 +159,6 @@ def models_stage(task, data, model: str | None, retrain_model: str | None, seed:
     if target_ref is None:
         raise ConfigError(f"task {task.name!r} trains no model of its own: pass --model PATH_OR_HUB_ID")
     retrain_ref = retrain_model or (task.default_retrain if model is None else None)
-    return ExistingModels(target_ref, retrain_ref)
+    return ExistingModels(target_ref, retrain_ref,
+                          "--model" if model else f"task {task.name}'s default target model",
+                          "--retrain-model" if retrain_model else f"task {task.name}'s default retrain model")

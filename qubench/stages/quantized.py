@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,11 @@ class Quantized(Stage):
         return {"model": model_fingerprint(self.model_dir), "quant": self.quant.name, "params": self.quant.params(),
                 "calib": store.stable_hash(self.calibration), **self.device.identity()}
 
+    def space_needed(self) -> int:
+        from qubench.preflight import folder_size
+
+        return folder_size(self.model_dir)  # at most the size of the model it starts from
+
     def label(self) -> str:
         return self.quant.name
 
@@ -53,4 +57,4 @@ class Quantized(Stage):
 
 
 def read_record(quantized_dir: Path) -> dict:
-    return json.loads((Path(quantized_dir) / RECORD_FILE).read_text())
+    return store.read_json(Path(quantized_dir) / RECORD_FILE)

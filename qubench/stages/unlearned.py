@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,11 @@ class Unlearned(Stage):
     #: The timing a result records this stage's work under.
     timing = "unlearn"
 
+    def space_needed(self) -> int:
+        from qubench.preflight import folder_size
+
+        return folder_size(self.models.target_dir)  # at most the size of the model it starts from
+
     def label(self) -> str:
         return self.method.name
 
@@ -84,5 +88,5 @@ def read_log(unlearned_dir: Path) -> dict:
     path = Path(unlearned_dir) / LOG_FILE
     if not path.exists():
         return {}
-    log = json.loads(path.read_text())
+    log = store.read_json(path)
     return {"steps": log.get("steps"), "final": log.get("final"), "extra": log.get("extra", {})}

@@ -8,14 +8,17 @@ number. Re-running cells (`qubench verify`) is the real check.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
-from qubench import metric_catalog
-from qubench.results import RunResult, catalogued_row
+from qubench import metric_catalog, untrusted
+from qubench.results import MetricRow, RunResult, catalogued_row
 
 MAX_RESULT_BYTES = 5_000_000
 #: Files a grid writes beside its cells that are not results.
@@ -23,26 +26,31 @@ GRID_FILES = frozenset({"grid.json", "aggregate.json", "last_run.json"})
 #: How closely a stored gap/recovery/target_change must follow from the stored pre/post/target values
 #: (they are computed from those very numbers, so only float rounding is allowed).
 DERIVED_TOLERANCE = 1e-6
-#: The fields of a metric row computed from its measurements (results.metric_row), re-derived here.
-DERIVED_FIELDS = ("gap", "recovery", "target_change", "position_pre", "position_post", "controlled_recovery")
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """sha256 of a file's content, read in chunks, never through a symlink."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every regular file under `folder` (hidden files and folders such as lock files skipped),
-    keyed by its POSIX path relative to `folder`."""
+    """sha256 of every regular file under `folder` (hidden files and folders such as lock files skipped,
+    symlinks never followed: `symlinks` lists them), keyed by its POSIX path relative to `folder`."""
     folder = Path(folder)
     if not folder.is_dir():
         return {}
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            out[rel.as_posix()] = file_sha256(path)
-    return out
+    files, _ = untrusted.walk(folder)
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
+
+
+def symlinks(folder: Path) -> list[Path]:
+    """Symlinks under `folder` (files or folders): refused wherever results are read."""
+    return untrusted.walk(folder)[1] if Path(folder).is_dir() else []
 
 
 def combined_digest(digests: dict[str, str]) -> str:
@@ -64,25 +72,76 @@ def _close(a: float | None, b: float | None) -> bool:
     return abs(a - b) <= DERIVED_TOLERANCE * max(1.0, abs(a), abs(b))
 
 
+def measured_fields() -> tuple[str, ...]:
+    """The fields of a metric row that hold the metric's own measured value: the inputs of
+    `results.catalogued_row`. Every other number in the row is derived from them (gap, recovery and
+    whatever the row gains later), so it is checked by recomputing it, and these against the range the
+    metric catalogue gives the metric."""
+    return tuple(p for p in inspect.signature(catalogued_row).parameters if p in MetricRow.model_fields)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The first non-finite number inside `value` (nested dicts and lists), named by its path."""
+    if _is_number(value):
+        return None if math.isfinite(value) else f"{where} = {value!r}"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}")
+        if found:
+            return found
+    return None
+
+
 def metric_problems(result: RunResult) -> list[str]:
-    """Non-finite numbers, gaps/recoveries/target changes that do not follow from the stored measurements
-    (only forget metrics have a recovery), and a separation that does not follow from them."""
+    """Numbers a real run cannot produce: non-finite values anywhere in the measurements, measured
+    values outside their metric's valid range (metric catalogue), derived fields (gap, recoveries,
+    positions, ...) that do not follow from the stored measurements, and a separation that does not
+    follow from them."""
     problems = []
+    measured = measured_fields()
     for name, row in result.metrics.items():
-        values = {k: v for k, v in row.model_dump().items() if not k.endswith("_note")}  # the numbers
-        bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
+        values = row.model_dump()
+        bad = [k for k, v in values.items() if _is_number(v) and not math.isfinite(v)]
         if bad:
             problems.append(f"metric {name}: non-finite {', '.join(bad)}")
             continue
         if name not in metric_catalog.BY_NAME:
             problems.append(f"metric {name}: not a qubench metric (known: {', '.join(metric_catalog.BY_NAME)})")
             continue
-        expected = catalogued_row(name, row.pre, row.post, row.target_pre, row.target_post, row.retrain,
-                                  row.retrain_post)
-        for field in DERIVED_FIELDS:
-            if not _close(getattr(row, field), getattr(expected, field)):
-                problems.append(f"metric {name}: {field} {getattr(row, field)!r} does not follow from its "
-                                f"pre/post/target values (expected {getattr(expected, field)!r})")
+        spec = metric_catalog.get(name)
+        outside = [f"{k} = {values[k]:g}" for k in measured
+                   if values.get(k) is not None and not spec.low <= values[k] <= spec.high]
+        if outside:
+            problems.append(f"metric {name}: {', '.join(outside)} outside the valid range [{spec.low:g}, "
+                            f"{spec.high:g}] of {name}")
+            continue
+        expected = catalogued_row(name, **{k: values[k] for k in measured}).model_dump()
+        for field, value in values.items():
+            if field in measured or not (_is_number(value) or _is_number(expected.get(field))):
+                continue
+            if not _close(value, expected.get(field)):
+                problems.append(f"metric {name}: {field} {value!r} does not follow from its measured values "
+                                f"(expected {expected.get(field)!r})")
+    dump = result.model_dump(include={"diagnostics", "timings", "probes"})
+    for part in ("diagnostics", "timings", "probes"):
+        found = _non_finite(dump.get(part), part)
+        if found:
+            problems.append(f"non-finite {found}")
+    negative = [k for k, v in result.timings.items() if v < 0]
+    if negative:
+        problems.append(f"negative timings: {', '.join(negative)}")
+    share = result.diagnostics.quantized_disagreement
+    if share is not None and math.isfinite(share) and not 0 <= share <= 1:
+        problems.append(f"diagnostics.quantized_disagreement = {share:g} is not a share in [0, 1]")
     return problems + separation_problems(result)
 
 
@@ -117,26 +176,24 @@ def separation_problems(result: RunResult) -> list[str]:
 
 
 def result_files(folder: Path) -> list[Path]:
-    """Every JSON file under `folder` that should be a result: all but the grid's own files and
-    hidden ones (locks, temporaries of an interrupted write)."""
+    """Every file under `folder` that should be a result: the JSON files but the grid's own files and
+    hidden ones (locks, temporaries of an interrupted write), and every symlink, so that reading it
+    rejects it by name rather than leaving it out silently."""
     folder = Path(folder)
-    return [p for p in sorted(folder.rglob("*.json"))
-            if p.name not in GRID_FILES and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    if not folder.is_dir():
+        return []
+    files, links = untrusted.walk(folder)
+    return sorted([p for p in files if p.suffix == ".json" and p.name not in GRID_FILES] + links)
 
 
-def read_result(path: Path) -> tuple[RunResult | None, str, str | None]:
-    """(result, text, None) for a valid result file, else (None, "", reason)."""
+def read_result(path: Path, root: Path | None = None) -> tuple[RunResult | None, str, str | None]:
+    """(result, text, None) for a valid result file, else (None, "", reason). Never raises for a bad
+    file: its size and nesting are bounded before parsing, and a symlink (the file, or a folder between
+    `root` and it) is refused."""
     try:
-        size = path.stat().st_size
-        if size > MAX_RESULT_BYTES:
-            return None, "", f"file is {size} bytes, more than the {MAX_RESULT_BYTES} a result can have"
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, "", f"unreadable: {type(exc).__name__}: {exc}"
-    try:
-        json.loads(text)
-    except ValueError as exc:
-        return None, "", f"not JSON: {exc}"
+        _, text = untrusted.read_json(Path(path), MAX_RESULT_BYTES, root)
+    except untrusted.UntrustedFileError as exc:
+        return None, "", str(exc)
     try:
         result = RunResult.model_validate_json(text)
     except ValidationError as exc:
@@ -144,6 +201,8 @@ def read_result(path: Path) -> tuple[RunResult | None, str, str | None]:
         shown = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in errors[:3])
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         return None, "", f"not a qubench result: {shown}{more}"
+    except (ValueError, RecursionError) as exc:  # defensive: whatever else the parser may say
+        return None, "", f"not a qubench result: {exc}"
     problems = [p for p in [spec_hash_problem(result), *metric_problems(result)] if p]
     if problems:
         return None, "", "; ".join(problems)

@@ -1,11 +1,16 @@
-"""The files of a submission folder, as strict schemas (unknown fields are errors).
+"""The files of a submission folder, and the maintainers' verification records, as strict schemas
+(unknown fields are errors).
 
     submissions/<name>/
       submission.yaml     what was submitted: package, entry point, grid, authors, licence, digests
       results/            the grid's output: cells/*.json (one RunResult each) and aggregate.json
-      verification.yaml   written by `qubench verify`: which cells were re-run and how they compared
+    leaderboard/verifications/<name>.yaml
+                          written by `qubench verify` only, outside the submitter's folder: the cells
+                          re-run, the re-run's own numbers, how the cells were drawn
 
-Reading these needs no plugin code, so the leaderboard can use this module safely.
+A submission folder holds no verification claim: `qubench validate` fails one that does, and the
+leaderboard never reads one there. Reading these needs no plugin code, so the leaderboard can use
+this module safely.
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qubench import untrusted
+
 SUBMISSION_SCHEMA_VERSION = "1.0"
+# 2.0: records live outside the submission folder, carry the re-run numbers and how cells were drawn.
+VERIFICATION_SCHEMA_VERSION = "2.0"
 SUBMISSION_FILE = "submission.yaml"
-VERIFICATION_FILE = "verification.yaml"
+#: Where `qubench verify` writes and the leaderboard reads verification records (relative to the
+#: repository root; `--verifications` changes it).
+VERIFICATIONS_DIR = "leaderboard/verifications"
 RESULTS_DIR = "results"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 MAX_YAML_BYTES = 1_000_000
@@ -71,10 +82,16 @@ class Submission(Strict):
     results_sha256: dict[str, str] = Field(default_factory=dict)
 
 
-class CellCheck(Strict):
+class RerunCell(Strict):
+    """One cell re-run by `qubench verify`: the submitted file it was compared with, and the re-run's
+    own measurements, so anyone can repeat the comparison without re-running anything."""
+
     cell: str
     run_id: str
-    result_file: str
+    result_file: str                     # relative to the submission folder
+    submitted_sha256: str                # the submitted result file the re-run was compared with
+    rerun: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # metric -> measured field -> value
+    error: str | None = None             # the re-run failed: why
     matches: bool
     max_deviation: float | None = None   # largest |submitted - re-run| as a multiple of its tolerance
     mismatches: list[str] = Field(default_factory=list)
@@ -85,16 +102,28 @@ class Tolerance(Strict):
     auc: float = Field(gt=0)      # absolute, on AUC (0-1)
 
 
+class Selection(Strict):
+    """How the re-run cells were drawn: from a seed that follows from a nonce drawn when `verify` ran
+    and the digest of the submission as it was then, so the submitter could not know them in advance
+    and anyone can check that these cells follow from the record."""
+
+    nonce: str
+    submission_digest: str        # qubench.submissions.verification.submission_digest at verify time
+    seed: int                     # verification.selection_seed(nonce, submission_digest)
+    rule: str = "random.Random(seed).sample(grid cells in grid order, k)"
+
+
 class Verification(Strict):
-    schema_version: str = SUBMISSION_SCHEMA_VERSION
+    schema_version: str = VERIFICATION_SCHEMA_VERSION
     submission: str
-    verified: bool
+    verified: bool                # every re-run cell matched
     date: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    cells_in_grid: int
-    cells: list[CellCheck]
-    selection_seed: int
+    cells_in_grid: int = Field(ge=1)
+    cells: list[RerunCell] = Field(min_length=1)
+    selection: Selection
+    #: The probability that one tampered cell would have been among those re-run (k / n).
+    detection_probability: float = Field(ge=0, le=1)
     tolerance: Tolerance
-    results_digest: str           # integrity.combined_digest of results/ when it was verified
     verified_by: Producer = Field(default_factory=Producer)
     note: str = ""
     # Where the re-runs ran (qubench.device.Device.record() and the machine's hardware): a CPU and a
@@ -102,12 +131,10 @@ class Verification(Strict):
     device: dict[str, Any] = Field(default_factory=dict)
 
 
-def read_yaml(path: Path) -> Any:
-    """YAML from an untrusted file: size-limited, safe loader only."""
-    path = Path(path)
-    if path.stat().st_size > MAX_YAML_BYTES:
-        raise ValueError(f"{path.name} is larger than {MAX_YAML_BYTES} bytes")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+def read_yaml(path: Path, root: Path | None = None) -> Any:
+    """YAML from an untrusted file: size- and depth-limited, no symlink, safe loader only (raises
+    ValueError with the reason)."""
+    return untrusted.read_yaml(Path(path), MAX_YAML_BYTES, root)
 
 
 def explain(exc: ValidationError, where: str) -> list[str]:
@@ -118,24 +145,29 @@ def load_submission(folder: Path) -> Submission:
     """The folder's submission.yaml; raises ValueError (with every schema problem) when it is not valid."""
     path = Path(folder) / SUBMISSION_FILE
     try:
-        raw = read_yaml(path)
+        raw = read_yaml(path, Path(folder))
         return Submission.model_validate(raw)
     except ValidationError as exc:
         raise ValueError("\n".join(explain(exc, SUBMISSION_FILE))) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{SUBMISSION_FILE}: cannot read: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{SUBMISSION_FILE}: cannot read: {exc}") from None
 
 
-def load_verification(folder: Path) -> Verification | None:
-    path = Path(folder) / VERIFICATION_FILE
-    if not path.exists():
+def verification_path(verifications: Path, name: str) -> Path:
+    return Path(verifications) / f"{name}.yaml"
+
+
+def load_verification(verifications: Path, name: str) -> Verification | None:
+    """The maintainers' record for submission `name`, None when there is none; ValueError when unreadable."""
+    path = verification_path(verifications, name)
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        return Verification.model_validate(read_yaml(path))
+        return Verification.model_validate(read_yaml(path, Path(verifications)))
     except ValidationError as exc:
-        raise ValueError("\n".join(explain(exc, VERIFICATION_FILE))) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{VERIFICATION_FILE}: cannot read: {type(exc).__name__}: {exc}") from None
+        raise ValueError("\n".join(explain(exc, path.name))) from None
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: cannot read: {exc}") from None
 
 
 def dump_yaml(model: BaseModel, path: Path) -> None:

@@ -3,9 +3,13 @@
 Checks: the schema of submission.yaml; that the package installs (into a scratch folder) and its
 entry point loads the declared method with the declared parameters (in a fresh interpreter); that
 the grid is the preset's grid for this method; that every result file is a valid result whose
-run_id is the hash of its spec and whose spec is a cell of the grid; that every cell has an ok
-result; that the files still match the digests recorded at submit time; and that a verification
-record, if any, is a passed one of the current files.
+run_id is the hash of its spec, whose values lie in their metrics' ranges and whose spec is a cell
+of the grid; that every cell has an ok result; that the files still match the digests recorded at
+submit time; that nothing in the folder is a symlink; and that the folder makes no verification
+claim (only the maintainers' `qubench verify` writes verification records, outside the folder).
+
+It never falls over on a bad file: every file is read bounded (`qubench.untrusted`), and a check that
+fails unexpectedly is itself listed as a problem.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from qubench.errors import ConfigError
+from qubench import untrusted
 from qubench.submissions import integrity, schema
 from qubench.submissions.install import install_into
 from qubench.submissions.schema import Submission
@@ -34,14 +39,26 @@ def validate(folder: Path, install: bool = True) -> list[str]:
     problems = []
     if sub.name != folder.name:
         problems.append(f"{schema.SUBMISSION_FILE}: name {sub.name!r} differs from the folder name {folder.name!r}")
-    problems += check_plugin(folder, sub, install)
-    grid, grid_problems = check_grid(sub)
+    problems += _guarded("the plugin", check_plugin, folder, sub, install)
+    grid, grid_problems = None, []
+    try:
+        grid, grid_problems = check_grid(sub)
+    except Exception as exc:  # noqa: BLE001 - validate lists problems, it does not crash
+        grid_problems = [f"the grid could not be checked: {type(exc).__name__}: {exc}"]
     problems += grid_problems
     if grid is not None:
-        problems += check_results(folder, grid)
-    problems += check_digests(folder, sub)
-    problems += check_verification(folder)
+        problems += _guarded("the results", check_results, folder, grid)
+    problems += _guarded("the digests", check_digests, folder, sub)
+    problems += _guarded("symlinks", check_symlinks, folder)
+    problems += _guarded("verification claims", check_no_verification_claims, folder)
     return problems
+
+
+def _guarded(what: str, check, *args) -> list[str]:
+    try:
+        return check(*args)
+    except Exception as exc:  # noqa: BLE001 - untrusted input: one broken check is one problem line
+        return [f"{what} could not be checked: {type(exc).__name__}: {exc}"]
 
 
 def check_plugin(folder: Path, sub: Submission, install: bool) -> list[str]:
@@ -114,7 +131,7 @@ def check_results(folder: Path, grid) -> list[str]:
     problems, ok = [], {}
     for path in integrity.result_files(results_dir):
         rel = f"{schema.RESULTS_DIR}/{path.relative_to(results_dir).as_posix()}"
-        result, _, reason = integrity.read_result(path)
+        result, _, reason = integrity.read_result(path, results_dir)
         if reason is not None:
             problems.append(f"{rel}: {reason}")
             continue
@@ -153,20 +170,21 @@ def check_digests(folder: Path, sub: Submission) -> list[str]:
     return problems
 
 
-def check_verification(folder: Path) -> list[str]:
-    try:
-        ver = schema.load_verification(folder)
-    except ValueError as exc:
-        return str(exc).splitlines()
-    if ver is None:
-        return []
-    problems = []
-    if ver.submission != folder.name:
-        problems.append(f"{schema.VERIFICATION_FILE}: verifies {ver.submission!r}, not {folder.name!r}")
-    if ver.results_digest != integrity.combined_digest(integrity.folder_digests(folder / schema.RESULTS_DIR)):
-        problems.append(f"{schema.VERIFICATION_FILE}: stale: the results changed after verification; "
-                        "run `qubench verify` again")
-    if not ver.verified:
-        bad = [c.cell for c in ver.cells if not c.matches]
-        problems.append(f"{schema.VERIFICATION_FILE}: verification failed on {', '.join(bad)}")
-    return problems
+def check_symlinks(folder: Path) -> list[str]:
+    return [f"{p.relative_to(folder).as_posix()}: symlink refused (a submission holds plain files only)"
+            for p in integrity.symlinks(folder)]
+
+
+#: Names a verification claim could take; none belongs in a submission folder.
+_CLAIM_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def check_no_verification_claims(folder: Path) -> list[str]:
+    """A submission cannot verify itself: verification records are written by the maintainers'
+    `qubench verify` into leaderboard/verifications/, so any verification file here is refused."""
+    files, _ = untrusted.walk(folder)
+    claims = [p for p in files if p.name.lower().startswith(("verification", "verified"))
+              and p.suffix.lower() in _CLAIM_SUFFIXES]
+    return [f"{p.relative_to(folder).as_posix()}: a submission folder cannot carry verification claims; "
+            f"verification records are written by the maintainers' `qubench verify` into "
+            f"{schema.VERIFICATIONS_DIR}/ — delete this file" for p in claims]

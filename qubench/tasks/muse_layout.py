@@ -63,11 +63,12 @@ class TaskData:
     classify_test: list[ClassifyItem] = field(default_factory=list)
 
     def file_hashes(self) -> dict[str, str]:
-        """sha256 of every data file, recorded in results so a reader can tell which data was used."""
+        """sha256 of every data file, recorded in results so a reader can tell which data was used
+        (qubench's own `qubench_*` side files, such as the cache manifest, are not data)."""
         return {
             str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(self.root.rglob("*"))
-            if p.is_file()
+            if p.is_file() and not p.name.startswith("qubench_")
         }
 
 

@@ -63,11 +63,40 @@ def read_muse(source: str, revision: str | None = None) -> MuseParts:
         parts = _read_dataset(source, revision)
     else:
         raise DataError(f"MUSE source {source!r} is neither an existing folder nor a hub dataset ID (owner/name)")
+    for rel, rows in parts.files.items():
+        check_rows(rel, rows, f"{path / rel}" if path.is_dir() and is_github_layout(path) else f"{source}: {rel}")
     missing = [rel for rel in REQUIRED if rel not in parts.files]
     if missing:
         raise DataError(f"MUSE source {source} lacks {', '.join(missing)} (expected MUSE's layout: "
                         "verbmem/forget.json, knowmem/{forget,retain}_qa.json, privleak/{forget,holdout}.json)")
     return parts
+
+
+#: The fields each kind of MUSE JSON entry needs (all strings); privleak entries are plain strings.
+ROW_FIELDS = {"verbmem": ("prompt", "gt"), "knowmem": ("question", "answer")}
+
+
+def check_rows(rel: str, rows, where: str) -> None:
+    """A DataError naming the file, the entry and the field when MUSE data does not have MUSE's shape
+    (a list of entries; verbmem {prompt, gt}, knowmem {question, answer}, privleak and raw strings)."""
+    if not isinstance(rows, list):
+        raise DataError(f"{where}: expected a JSON list of entries, found {type(rows).__name__} "
+                        "(MUSE's files are lists)")
+    fields = ROW_FIELDS.get(rel.split("/")[0])
+    for i, row in enumerate(rows):
+        if fields is None:
+            if not isinstance(row, str):
+                raise DataError(f"{where}: entry {i} is {type(row).__name__}, not a text string")
+            continue
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: entry {i} is {type(row).__name__}, not an object with "
+                            f"{' and '.join(repr(f) for f in fields)}")
+        for field in fields:
+            if field not in row:
+                raise DataError(f"{where}: entry {i} has no {field!r} (every entry needs "
+                                f"{' and '.join(repr(f) for f in fields)})")
+            if not isinstance(row[field], str):
+                raise DataError(f"{where}: entry {i}: {field!r} is {type(row[field]).__name__}, not a string")
 
 
 def _read_github_layout(root: Path) -> MuseParts:

@@ -48,6 +48,7 @@ class GroupJob:
     verbose: bool = True
     device: str = "auto"                 # the --device choice, resolved in the worker (qubench.device)
     visible_gpus: str | None = None      # CUDA_VISIBLE_DEVICES of a worker process given its own GPUs
+    no_rebuild: bool = False             # --no-rebuild: a damaged cached artifact fails its cells
     meta: dict = field(default_factory=dict)
 
 
@@ -58,6 +59,10 @@ def run_group(job: GroupJob, report: Report) -> None:
     """Run a group's cells in order, reporting each outcome as soon as its result is written."""
     if job.home:
         os.environ["QUBENCH_HOME"] = job.home
+    if job.no_rebuild:  # workers on other machines (Ray) do not share the driver's environment
+        from qubench.store import NO_REBUILD_ENV
+
+        os.environ[NO_REBUILD_ENV] = "1"
     log = _logger(job.verbose)
     shared_failure: tuple[str, results.ErrorInfo] | None = None
     for cell_id, spec_json, result_file in job.cells:
@@ -70,7 +75,7 @@ def run_group(job: GroupJob, report: Report) -> None:
                                   f"not attempted: the {err.stage} stage it shares with {first} failed: "
                                   f"{err.message}", err.traceback))
             continue
-        reused = results.stored_ok(out) is not None
+        reused = results.stored_ok(out, spec) is not None
         try:
             pipeline.run(spec, Path(job.results_dir), log=lambda msg: log(f"{cell_id}: {msg}"), progress=False,
                          device=job.device)
@@ -90,11 +95,14 @@ def run_group(job: GroupJob, report: Report) -> None:
 def record_failure(cell_id: str, spec: RunSpec, out: Path, stage: str, type_: str, message: str, tb: str,
                    seconds: float = 0.0) -> CellOutcome:
     """Write a failed result for a cell (unless an ok one is stored) and return its outcome."""
-    if results.stored_ok(out) is not None:  # it finished before whatever went wrong
+    if results.stored_ok(out, spec) is not None:  # it finished before whatever went wrong
         return CellOutcome(cell_id, "ok", str(out), seconds, reused=True)
     result = results.RunResult(run_id=spec.run_id(), status="failed", spec=spec,
                                error=results.ErrorInfo(stage=stage, type=type_, message=message, traceback=tb))
-    results.save(result, out)
+    try:
+        results.save(result, out)
+    except OSError as exc:  # the outcome is still reported; the next grid run retries the cell anyway
+        message = f"{message} (and its failed result could not be written: {exc.strerror or exc})"
     return CellOutcome(cell_id, "failed", str(out), seconds, error={"stage": stage, "type": type_, "message": message})
 
 
