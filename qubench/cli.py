@@ -16,7 +16,7 @@ from rich.markup import escape
 from qubench import registry
 from qubench.errors import QubenchError
 from qubench.report import print_result, print_plugins
-from qubench.specs import PluginRef, RunSpec
+from qubench.specs import DEFAULT_BATCH_SIZE, PluginRef, RunSpec
 
 console = Console(stderr=True)
 out = Console()
@@ -70,7 +70,7 @@ def main() -> None:
 @click.option("--model", default=None, help="Existing target model: local folder or hub ID.")
 @click.option("--retrain-model", default=None, help="Existing retrain reference model: folder or hub ID.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=int)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N probes of each set (smoke tests).")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))

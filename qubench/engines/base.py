@@ -17,13 +17,14 @@ from typing import Any
 from pydantic import Field
 
 from qubench.plugin import Plugin, PluginConfig
+from qubench.specs import DEFAULT_BATCH_SIZE
 
 #: Used when neither the model config nor the tokenizer states a usable context length.
 FALLBACK_MAX_LENGTH = 2048
 
 
 class EngineConfig(PluginConfig):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
 
 
 class Engine(Plugin, ABC):

@@ -18,7 +18,8 @@ from qubench.fingerprint import model_fingerprint
 from qubench.specs import RunSpec
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
-EVAL_CODE_VERSION = 1
+# 2: PrivLeak log-probs from unpadded equal-length batches (document scores move in the last bits).
+EVAL_CODE_VERSION = 2
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qubench import registry
 from qubench.errors import ConfigError
-from qubench.specs import PluginRef, RunSpec
+from qubench.specs import DEFAULT_BATCH_SIZE, PluginRef, RunSpec
 
 GRID_SCHEMA_VERSION = "1.0"
 
@@ -59,7 +59,7 @@ class GridSpec(BaseModel):
     engine: Entry = Entry(name="hf")
     model: str | None = None           # an existing target for every task (default: each task's own)
     retrain_model: str | None = None
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eval_limit: int | None = Field(None, ge=1)
     notes: list[str] = Field(default_factory=list)  # what a preset left out, and why
