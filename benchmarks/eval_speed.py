@@ -8,7 +8,8 @@ unlearned; trained/unlearned/quantized first if QUBENCH_HOME lacks them) are eac
 
 - before: the path qubench had before issue #14, reproduced here: `lm_eval.simple_evaluate` per
   model (which also collects the environment with `pip list`, `git describe` and other
-  subprocesses for every model), batch size 16, ROUGE-L computed for every pair;
+  subprocesses for every model), batch size 16, PrivLeak log-probs from right-padded batches,
+  ROUGE-L computed for every pair;
 - after: the current `evaluate_model` at the current default batch size.
 
 Each model is loaded once and evaluated by both paths back to back (the order alternates between
@@ -16,9 +17,9 @@ models, so a load change on a shared machine does not favour one side). Printed 
 seconds, CPU seconds of this process plus its subprocesses (the better figure when other jobs share
 the cores), and evaluation tokens/s (prompt + generated tokens of every lm-eval request plus the
 PrivLeak documents' tokens, the same count on both sides). Every metric is checked to be identical
-on both sides, and every generation; PrivLeak's per-document Min-40% scores are compared too (they
-may differ in the last bits with the batch size: the PrivLeak AUC is what is reported, and it must
-be identical). Finally an estimate for the default grid's evaluation time, scaled from the measured
+on both sides, and every generation; PrivLeak's per-document Min-40% scores are compared too (the
+old right-padded batches moved them in the last bits; the PrivLeak AUC over their ranks is what is
+reported, and it must be identical). Finally an estimate for the default grid's evaluation time, scaled from the measured
 cold grid in the README.
 """
 
@@ -37,6 +38,7 @@ import torch
 import qubench.evaluation.evaluate as evaluate_mod
 import qubench.evaluation.metrics as metrics_mod
 from qubench import pipeline, registry
+from qubench.engines.hf import HFEngine
 from qubench.models.prepare import prepare_models, prepare_task
 from qubench.specs import DEFAULT_BATCH_SIZE, PluginRef, RunSpec
 from qubench.tasks import muse_layout
@@ -50,7 +52,7 @@ GRID_EVALS_PER_SEED = 123
 
 
 def _legacy_run_generation(engine, model, tokenizer, data_root, tasks, limit):
-    """qubench's `_run_generation` before issue #14, verbatim apart from this docstring."""
+    """qubench's `_run_generation` as it was before issue #14 (comments left out)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -74,17 +76,48 @@ def _legacy_run_generation(engine, model, tokenizer, data_root, tasks, limit):
     return metrics, samples
 
 
+@torch.inference_mode()
+def _legacy_token_logprobs(self, model, tokenizer, texts, max_length):
+    """HFEngine.token_logprobs as it was before issue #14 (right-padded batches; comments left out)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    model.eval()
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[list[float]] = [[] for _ in texts]
+    bs = self.config.batch_size
+    for start in range(0, len(order), bs):
+        batch = [i for i in order[start:start + bs] if len(encoded[i]) > 1]
+        if not batch:
+            continue
+        width = len(encoded[batch[0]])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for row, i in enumerate(batch):
+            n = len(encoded[i])
+            logprobs = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)
+            targets = ids[row, 1:n].to(logprobs.device).unsqueeze(-1)
+            out[i] = logprobs.gather(-1, targets).squeeze(-1).tolist()
+    return out
+
+
 @contextlib.contextmanager
 def legacy_path():
-    """Swap in the pre-#14 generation path and the uncached ROUGE-L for the duration."""
-    saved = evaluate_mod._run_generation, metrics_mod.rouge_l_f1
+    """Swap in the pre-#14 generation path, PrivLeak log-probs and uncached ROUGE-L for the duration."""
+    saved = evaluate_mod._run_generation, metrics_mod.rouge_l_f1, HFEngine.token_logprobs
     evaluate_mod._run_generation = _legacy_run_generation
+    HFEngine.token_logprobs = _legacy_token_logprobs
     # The task utilities import rouge_l_f1 each time lm-eval loads them, so they see this one.
     metrics_mod.rouge_l_f1 = metrics_mod.rouge_l_f1.__wrapped__
     try:
         yield
     finally:
-        evaluate_mod._run_generation, metrics_mod.rouge_l_f1 = saved
+        evaluate_mod._run_generation, metrics_mod.rouge_l_f1, HFEngine.token_logprobs = saved
 
 
 def _cpu() -> float:

@@ -149,6 +149,9 @@ def paper_preset() -> GridSpec:
     return GridSpec(tasks=[Entry(name="muse-news"), Entry(name="muse-books")],
                     methods=[Entry(name=n) for n in PAPER_METHODS],
                     quantizers=[Entry(name=n) for n in PAPER_QUANTIZERS], seeds=[0, 1, 2], dtype="bfloat16",
+                    # The pre-#14 default: a 7B model's KV cache and PrivLeak logits grow with the rows
+                    # (64 rows of 2,048-token documents are 8 GB of bf16 logits alone); 64 suits tiny models.
+                    batch_size=16,
                     notes=["needs hub access and a GPU: 7B models; `--engine vllm` evaluates faster"])
 
 
