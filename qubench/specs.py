@@ -8,9 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qubench import store
 
-#: Rows per generation / log-prob batch of the evaluation engines. 64, not 16: on the default task's
-#: model, greedy decoding is dominated by per-step overhead, and 64 rows evaluate a model with ~40%
-#: less CPU than 16 with the same outputs (benchmarks/eval_speed.py; tests/test_eval_invariance.py).
+#: Rows per generation / log-prob batch of the evaluation engines. 64, not 16: greedy decoding of the
+#: default task's tiny model is dominated by per-step overhead, and 64 rows take about a third less
+#: CPU than 16 for the same outputs (benchmarks/eval_speed.py; tests/test_eval_invariance.py).
 DEFAULT_BATCH_SIZE = 64
 
 
