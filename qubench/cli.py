@@ -18,7 +18,7 @@ from qubench.cli_options import set_only, shared
 from qubench.errors import QubenchError
 from qubench.grid.cache import KINDS as CACHE_KINDS
 from qubench.report import print_result, print_plugins
-from qubench.specs import PluginRef, RunSpec
+from qubench.specs import DEFAULT_BATCH_SIZE, PluginRef, RunSpec
 
 console = Console(stderr=True)
 out = Console()

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import click
 import yaml
 
+from qubench.specs import DEFAULT_BATCH_SIZE
+
 _KV = dict(multiple=True, metavar="KEY=VALUE")
 
 
@@ -66,7 +68,7 @@ OPTIONS: dict[str, Callable] = {
                                   help="Existing retrain reference model (with --model): folder or hub ID."),
     "batch_size": click.option("--batch-size", type=BatchSizeType(), default=None, metavar="N|auto",
                                help="Evaluation batch size, or auto: the largest that fits the GPU a model is on "
-                                    "(on the CPU, 16) [default: 16]."),
+                                    f"(on the CPU, {DEFAULT_BATCH_SIZE}) [default: {DEFAULT_BATCH_SIZE}]."),
     "device": click.option("--device", type=DeviceType(), default="auto", show_default=True,
                            metavar="auto|cpu|cuda|cuda:N",
                            help="Where stages run: auto = CUDA when a GPU is visible, else the CPU; cuda = every "

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qubench import store
 
+#: Rows per generation / log-prob batch of the evaluation engines. 64, not 16: greedy decoding of the
+#: default task's tiny model is dominated by per-step overhead, and 64 rows take about a third less
+#: CPU than 16 for the same outputs (benchmarks/eval_speed.py; tests/test_eval_invariance.py).
+DEFAULT_BATCH_SIZE = 64
+
 #: Evaluation batch size: a number, or "auto" (fitted to the free memory of the GPU a model is on;
 #: the engine records what it used).
 EvalBatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
@@ -53,7 +58,7 @@ class RunSpec(Frozen):
     retrain_model: str | None = None
     seed: int = 0
     engine: PluginRef = PluginRef(name="hf")
-    batch_size: EvalBatchSize = 16
+    batch_size: EvalBatchSize = DEFAULT_BATCH_SIZE
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eval_limit: int | None = Field(None, ge=1)  # evaluate only the first N probes of each set (smoke tests)
     audit: AuditInput | None = None     # set: audit this external unlearned model instead of unlearning

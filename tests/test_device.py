@@ -377,14 +377,16 @@ def test_auto_batch_on_the_cpu_is_the_default_and_is_recorded(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qubench.engines.hf import HFEngine
+    from qubench.specs import DEFAULT_BATCH_SIZE
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     engine = HFEngine.from_params({"batch_size": "auto"})
     assert engine.params()["batch_size"] == "auto"  # what keys the evaluation
-    assert engine.batch_size(model, tok) == 16
+    # On the CPU there is no device memory to fit: auto is the spec's default
+    assert engine.batch_size(model, tok) == DEFAULT_BATCH_SIZE == 64
     ran = engine.run_record(model, tok)
-    assert ran["device"] == "cpu" and ran["batch_size"] == 16 and ran["batch_fit"]["how"].startswith("cpu")
+    assert ran["device"] == "cpu" and ran["batch_size"] == 64 and ran["batch_fit"]["how"].startswith("cpu")
     assert HFEngine.from_params({"batch_size": 3}).run_record(model, tok) == {"device": "cpu", "batch_size": 3}
 
 

@@ -160,6 +160,7 @@ def test_token_logprobs_batched_equals_unbatched(tiny):
         assert all(x < 0 for x in b)
         assert torch.allclose(torch.tensor(b), torch.tensor(ref), atol=1e-5)
         assert torch.allclose(torch.tensor(s), torch.tensor(ref), atol=1e-5)
+        assert b == s  # unpadded batches of equal-length documents: the batch size changes no bit
     truncated = HFEngine().token_logprobs(model, tok, texts[:2], max_length=5)
     assert [len(t) for t in truncated] == [4, 4]
     assert torch.allclose(torch.tensor(truncated[0]), torch.tensor(batched[0][:4]), atol=1e-5)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qubench.plugin import Plugin, PluginConfig
-from qubench.specs import EvalBatchSize
+from qubench.specs import DEFAULT_BATCH_SIZE, EvalBatchSize
 
 #: Used when neither the model config nor the tokenizer states a usable context length.
 FALLBACK_MAX_LENGTH = 2048
@@ -27,7 +27,7 @@ AUTO_REQUEST_BATCH = 64
 
 
 class EngineConfig(PluginConfig):
-    batch_size: EvalBatchSize = 16
+    batch_size: EvalBatchSize = DEFAULT_BATCH_SIZE
 
     def request_batch(self) -> int:
         """The batch size as a number, for engines that fit nothing themselves."""

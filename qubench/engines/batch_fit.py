@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from qubench.specs import DEFAULT_BATCH_SIZE
+
 AUTO_CAP = 256       # probe sets are at most a few hundred items: a larger batch buys nothing
-CPU_BATCH = 16       # RunSpec's default batch size
+CPU_BATCH = DEFAULT_BATCH_SIZE  # RunSpec's default batch size
 HEADROOM = 0.8       # share of the free memory the estimate plans to fill
 
 

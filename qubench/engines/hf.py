@@ -1,7 +1,7 @@
 """`hf`: evaluate an in-memory transformers model in this process.
 
 Generation goes through lm-eval's HFLM (batched, left-padded greedy
-`generate_until`); PrivLeak log-probs come from plain batched forward passes.
+`generate_until`); PrivLeak log-probs come from plain forward passes, batched by length.
 The model runs wherever its loader put it (the run's device; `device_map` over
 several GPUs): inputs follow `model.device`. Batch size `auto` is fitted per
 model to the free memory of its GPU (`qubench.engines.batch_fit`).
@@ -10,6 +10,7 @@ model to the free memory of its GPU (`qubench.engines.batch_fit`).
 from __future__ import annotations
 
 import weakref
+from collections import defaultdict
 from importlib.metadata import PackageNotFoundError, version as dist_version
 from typing import Any
 
@@ -49,28 +50,27 @@ class HFEngine(Engine):
             raise ValueError(f"max_length must be positive, got {max_length}")
         model.eval()
         encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
-        # Longest first so each batch pads little; results go back in input order.
-        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Only documents of equal length share a batch, so nothing is padded: a document's
+        # log-probs are then computed the same way whatever shares its batch, and do not depend on
+        # the batch size (with padding, its attention sums ran over the batch's padded width and
+        # moved in the last bits). Longest first; results go back in input order.
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, ids in enumerate(encoded):
+            if len(ids) > 1:
+                by_length[len(ids)].append(i)
         out: list[list[float]] = [[] for _ in texts]
         bs = self.batch_size(model, tokenizer)
-        for start in range(0, len(order), bs):
-            batch = [i for i in order[start:start + bs] if len(encoded[i]) > 1]
-            if not batch:
-                continue
-            width = len(encoded[batch[0]])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                # Right padding: real tokens keep positions 0..n-1 and never attend to padding.
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-            for row, i in enumerate(batch):
-                n = len(encoded[i])
-                logprobs = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)
-                targets = ids[row, 1:n].to(logprobs.device).unsqueeze(-1)
-                out[i] = logprobs.gather(-1, targets).squeeze(-1).tolist()
+        for n in sorted(by_length, reverse=True):
+            same_length = by_length[n]
+            for start in range(0, len(same_length), bs):
+                batch = same_length[start:start + bs]
+                ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=model.device)
+                logits = model(input_ids=ids).logits
+                for row, i in enumerate(batch):
+                    # One row at a time in float32: a batch of long documents' full-vocabulary
+                    # logits would not fit a GPU twice over.
+                    logprobs = torch.log_softmax(logits[row, : n - 1].float(), dim=-1)
+                    out[i] = logprobs.gather(-1, ids[row, 1:].unsqueeze(-1)).squeeze(-1).tolist()
         return out
 
     def run_record(self, model: Any, tokenizer: Any) -> dict[str, Any]:

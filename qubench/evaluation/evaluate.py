@@ -35,6 +35,8 @@ CLASSIFY_TASKS = {m.lm_eval_task: m.name for m in metric_catalog.METRICS if m.vi
 CLASSIFY_FOLDER = "qubench_classify"
 _LM_EVAL_METRIC = "rougeL_f1,none"
 _ACC_METRIC = "acc,none"
+#: simple_evaluate's default few-shot sampler seed (lm_eval.defaults.DEFAULT_OTHER_SEED).
+_FEWSHOT_SEED = 1234
 
 
 @dataclass
@@ -144,7 +146,7 @@ def _min_k_scores(engine, model, tokenizer, docs: list[str], max_length: int):
 
 
 def _run_generation(engine, model, tokenizer, data_root: Path, tasks: list[str], limit: int | None):
-    import lm_eval
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
     with _tokenizer_path(tokenizer) as tok_path, _quiet_lm_eval():
@@ -153,11 +155,20 @@ def _run_generation(engine, model, tokenizer, data_root: Path, tasks: list[str],
             include_path=str(tasks_dir()), include_defaults=False,
             metadata={"data_root": str(data_root), "tokenizer": tok_path},
         )
-        results = lm_eval.simple_evaluate(
-            model=engine.lm(model, tokenizer), tasks=tasks, task_manager=manager, limit=limit,
-            bootstrap_iters=0, log_samples=True, use_cache=None, cache_requests=False,
-            # Greedy decoding needs no seeds; leaving them None keeps the caller's RNG state intact.
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+        loaded = manager.load(tasks)
+        for task in loaded["tasks"].values():
+            # What simple_evaluate does to each task before evaluating (our tasks have no few-shot
+            # examples, so neither setting changes a prompt; kept so the two paths cannot differ).
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=_FEWSHOT_SEED)
+        # lm_eval.evaluator.evaluate, not simple_evaluate: the latter also records the environment
+        # for every model (`pip list`, `git describe` and ~10 more subprocesses: 0.7 s of CPU and
+        # several seconds of wall time per model on a busy machine) into a dict we throw away.
+        # Greedy decoding needs no seeds; none is set, so the caller's RNG state stays intact.
+        results = evaluate(
+            lm=engine.lm(model, tokenizer), task_dict=loaded, limit=limit, bootstrap_iters=0,
+            log_samples=True, cache_requests=False,
         )
     metrics, samples = {}, {}
     for t in tasks:

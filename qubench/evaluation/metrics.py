@@ -17,6 +17,7 @@ generation metrics and their tests share one implementation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,10 @@ MIN_K_FRACTION = 0.4
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
+# Models evaluated in one process (a run's five, a grid group's quantized variants of one model)
+# often give a probe the same continuation, and rouge_score's LCS is pure Python (~2 ms for a
+# VerbMem pair): identical pairs are scored once. A pure function of two strings, so exact.
+@functools.lru_cache(maxsize=1 << 14)
 def rouge_l_f1(gt: str, output: str) -> float:
     """ROUGE-L F1 of `output` against the reference `gt` (0..1)."""
     return _ROUGE.score(target=gt, prediction=output)["rougeL"].fmeasure

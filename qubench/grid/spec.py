@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qubench import registry
 from qubench.errors import ConfigError
-from qubench.specs import EXTERNAL_PREFIX, AuditInput, EvalBatchSize, PluginRef, RunSpec, external_name
+from qubench.specs import (DEFAULT_BATCH_SIZE, EXTERNAL_PREFIX, AuditInput, EvalBatchSize, PluginRef, RunSpec,
+                           external_name)
 
 GRID_SCHEMA_VERSION = "1.0"
 
@@ -86,7 +87,7 @@ class GridSpec(BaseModel):
     engine: Entry = Entry(name="hf")
     model: str | None = None           # an existing target for every task (default: each task's own)
     retrain_model: str | None = None
-    batch_size: EvalBatchSize = 16
+    batch_size: EvalBatchSize = DEFAULT_BATCH_SIZE
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eval_limit: int | None = Field(None, ge=1)
     notes: list[str] = Field(default_factory=list)  # what a preset left out, and why
@@ -210,6 +211,9 @@ def paper_preset() -> GridSpec:
     return GridSpec(tasks=[Entry(name="muse-news"), Entry(name="muse-books")],
                     methods=[Entry(name=n) for n in PAPER_METHODS],
                     quantizers=[Entry(name=n) for n in PAPER_QUANTIZERS], seeds=[0, 1, 2], dtype="bfloat16",
+                    # The pre-#14 default: a 7B model's KV cache and PrivLeak logits grow with the rows
+                    # (64 rows of 2,048-token documents are 8 GB of bf16 logits alone); 64 suits tiny models.
+                    batch_size=16,
                     notes=["needs hub access and a GPU: 7B models; `--engine vllm` evaluates faster"])
 
 

@@ -16,7 +16,8 @@ from qubench.fingerprint import model_fingerprint
 from qubench.stages.base import Stage
 
 # Bump when the evaluation code changes what it measures, so old measurements are not reused.
-EVAL_CODE_VERSION = 1
+# 2: PrivLeak log-probs from unpadded equal-length batches (document scores move in the last bits).
+EVAL_CODE_VERSION = 2
 
 
 def suite_hash(folder: Path) -> str:
