@@ -32,6 +32,7 @@ from qubench.scoring import diagnostics_for, score, separation
 from qubench.specs import RunSpec
 from qubench.stages import Evaluation, Quantized, TaskData
 from qubench.stages.external import CHECK_STEP, changed_since
+from qubench.models.prepare import TRAINING_LOG
 from qubench.stages.models import ExistingModels, PreparedModels
 from qubench.stages.quantized import read_record
 from qubench.stages.run import Plugins, RunStages
@@ -186,6 +187,17 @@ def _save(result: results.RunResult, out: Path) -> tuple[Path, str] | None:
 
 
 
+def _training_record(models: PreparedModels) -> dict | None:
+    """How the target and retrain models trained here were trained (threads, time), from their log."""
+    if models.recipe is None:
+        return None
+    path = Path(models.target_dir).parent / TRAINING_LOG
+    if not path.is_file():
+        return None
+    log = store.read_json(path)
+    return {k: log.get(k) for k in ("torch_threads", "seconds")}
+
+
 def _seed_use(spec: RunSpec, models: PreparedModels) -> dict:
     """What the run's seed varied, for the record."""
     if spec.audit is not None:
@@ -239,6 +251,7 @@ def _resolved(spec: RunSpec, plugins: Plugins, models: PreparedModels, unlearned
             "unlearned": {"fingerprint": model_fingerprint(unlearned_dir),
                           **({} if spec.audit is None else {"id": spec.audit.unlearned})},
             "recipe": models.recipe,
+            "trained_with": _training_record(models),
         },
         "privleak_reference": measured.auc_reference,
     }

@@ -180,3 +180,13 @@ def test_a_target_that_never_saw_the_forget_set_says_it_cannot_show_forgetting(f
     shown = CliRunner().invoke(main, ["show", str(saved)])
     assert shown.exit_code == 0 and shown.output.startswith("NO SEPARATION")
     assert "recov" not in shown.output.split("utility and reference metrics")[1].split("mean |Δw|")[0]
+
+
+def test_results_record_the_thread_count_models_were_trained_with(first_run):
+    """CPU float sums are split per thread, so another thread count trains slightly different weights:
+    the result names the count for the target/retrain pair and for the unlearning."""
+    _, out = first_run
+    result = results.RunResult.model_validate(out)
+    trained = result.resolved["models"]["trained_with"]
+    assert isinstance(trained["torch_threads"], int) and trained["torch_threads"] >= 1 and trained["seconds"] > 0
+    assert isinstance(result.resolved["training"]["torch_threads"], int)

@@ -166,6 +166,9 @@ class Runtime:
         return {"processes": self.ranks, "strategy": self.strategy(), "device": self.device.type,
                 "precision": self.precision, "cpu_offload": self.cpu_offload,
                 "gradient_checkpointing": gradient_checkpointing,
+                # CPU float sums are split per thread: the same job on another thread count can differ
+                # in the last bits, so the count is part of what reproduces a model exactly.
+                "torch_threads": torch.get_num_threads(),
                 "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
                 "parameters_held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else local(p).numel()
                                        for p in params)}

@@ -17,6 +17,10 @@ from qubench.tasks.base import Task, TrainRecipe
 from qubench.tasks.muse_layout import TaskData
 
 
+#: The log a trained target/retrain pair carries beside the two model folders.
+TRAINING_LOG = "training_log.json"
+
+
 def resolve_model(ref: str) -> Path:
     """A local save_pretrained folder, or a hub ID downloaded to the HF cache (needs hub access)."""
     path = Path(ref).expanduser()
@@ -83,4 +87,6 @@ def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progr
         saved.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     log["seconds"] = time.perf_counter() - t0
-    (out / "training_log.json").write_text(json.dumps(log, indent=2))
+    # CPU float sums are split per thread: another thread count trains slightly different weights.
+    log["torch_threads"] = torch.get_num_threads()
+    (out / TRAINING_LOG).write_text(json.dumps(log, indent=2))
