@@ -53,11 +53,36 @@ def main() -> None:
 @shared("batch_size", "dtype", "limit")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute even if an identical spec has a stored result.")
+@shared("num_processes", "strategy", "cpu_offload", "max_memory")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of every stage (per device, from configs; no "
+                                              "weights loaded) and whether it fits, then stop.")
 @shared("as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
-        retrain_model, seed, batch_size, dtype, limit, results_dir, force, as_json) -> None:
-    """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
-    from qubench import pipeline
+        retrain_model, seed, batch_size, dtype, limit, results_dir, force, num_processes, strategy, cpu_offload,
+        max_memory, dry_run, as_json) -> None:
+    """Unlearn, quantize, evaluate before and after, and report the forgetting gap.
+
+    Before any work, the memory plan of every stage is held against the devices: a run that cannot fit
+    stops and names the options that would (see --dry-run, --max-memory).
+    """
+    from pydantic import ValidationError
+
+    from qubench import pipeline, results
+    from qubench.memplan import Parallel
+    from qubench.memplan.build import for_run
+    from qubench.memplan.report import as_dict, print_plan
+
+    try:
+        parallel = Parallel(processes=num_processes, strategy=strategy, cpu_offload=cpu_offload)
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"].removeprefix("Value error, "), param_hint="--cpu-offload")
+    if (num_processes > 1 or strategy != "ddp" or cpu_offload) and not dry_run:
+        # The memory plan covers these already; the distributed unlearning path itself is issue #13, item 2.
+        raise click.BadParameter("multi-process and sharded unlearning are planned (--dry-run) but not run by "
+                                 "this build", param_hint="--num-processes/--strategy/--cpu-offload")
+    if max_memory and "x" in max_memory.lower() and not dry_run:
+        raise click.BadParameter("COUNTxSIZE plans for simulated accelerators: use it with --dry-run; a run "
+                                 "takes SIZE, the budget per device", param_hint="--max-memory")
 
     if vllm_python is not None:
         if engine != "vllm":
@@ -77,6 +102,16 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     )
     log = (lambda msg: console.print(msg)) if not as_json else (lambda msg: None)
     try:
+        if dry_run:
+            plan = for_run(spec, parallel, max_memory)
+            if as_json:
+                out.print_json(data=as_dict(plan))
+            else:
+                print_plan(out, plan)
+            plan.check()
+            return
+        if force or results.stored_ok(pipeline.result_path(results_dir, spec)) is None:
+            _check_memory(spec, parallel, max_memory, log)
         result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json)
     except QubenchError as exc:
         _fail(exc)
@@ -84,6 +119,24 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
         out.print_json(result.model_dump_json())
     else:
         print_result(out, result, pipeline.result_path(results_dir, spec))
+
+
+def _check_memory(spec: RunSpec, parallel, max_memory: str | None, log) -> None:
+    """Stop a run that cannot fit before it loads anything. A plan that cannot be made (e.g. a hub
+    model's config out of reach offline) does not block the run: the run reports its own errors."""
+    from qubench.memplan import MemoryPlanError
+    from qubench.memplan.build import for_run
+
+    try:
+        plan = for_run(spec, parallel, max_memory, prepare=True)
+    except MemoryPlanError:
+        raise
+    except QubenchError as exc:
+        if max_memory is not None:
+            raise
+        log(f"[yellow]memory plan skipped[/yellow]: {escape(str(exc))}")
+        return
+    plan.check()
 
 
 @main.command()
