@@ -167,7 +167,9 @@ def plan_run(spec, parallel: Parallel, hardware: Hardware, plugins=None, data=No
     config, local, ref = model_config(stages, data)
     shape = shape_of(config)
     method, quant = stages.plugins.method, stages.plugins.quant
-    max_len = getattr(method.config, "max_len", None) or shape.context
+    from qubench.methods.data import default_max_len
+
+    max_len = getattr(method.config, "max_len", None) or default_max_len(config)  # as the training loop cuts
     samples = getattr(quant.config, "num_calibration_samples", 0)
     lengths = (measure(data, Path(local) if local else None, max_len, samples) if data is not None
                else Lengths(source=NO_DATA))

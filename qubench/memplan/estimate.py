@@ -191,14 +191,15 @@ def unlearning(shape: ModelShape, s: TrainSettings, accelerator: bool) -> StageP
                              + (" in host RAM (offload)" if s.cpu_offload else ""), kind="reference",
                              divide=n if fsdp else 1))
     linear_params = sum(lin.params for lin in shape.linears)
+    forward = []  # alive from the forward pass through backward only
     if s.sharded:
         gathered = (3 * shape.layer_params + shape.embed_params + shape.head_params
                     + (shape.layer_params if s.reference and s.strategy == "fsdp" else 0)) * cb
-        fixed.append(Item(what=f"{s.strategy} unsharded working set", device=gathered, source=(
+        forward.append(Item(what=f"{s.strategy} unsharded working set", device=gathered, source=(
             "cb x (2 blocks gathered (current + prefetch) + 1 block's gradient before reduce-scatter + embeddings "
             "and head (root unit)" + (" + 1 reference block" if s.reference and s.strategy == "fsdp" else "") + ")")))
     elif s.precision == "bf16":
-        fixed.append(Item(what="autocast bf16 weight copies", device=2 * linear_params,
+        forward.append(Item(what="autocast bf16 weight copies", device=2 * linear_params,
                           source="2 x every Linear weight: torch.autocast caches its casts for backward"))
     if s.strategy == "ddp" and n > 1:
         fixed.append(Item(what="DDP gradient buckets", device=4 * t,
@@ -207,7 +208,7 @@ def unlearning(shape: ModelShape, s: TrainSettings, accelerator: bool) -> StageP
         fixed.append(Item(what="CUDA context", device=CUDA_CONTEXT, kind="overhead", source="1 GiB assumed"))
     graphs = 1 + (s.retain_term is not None) + s.hinge
     act, act_how = _activations(shape, s, graphs)
-    phases = [Phase(name="backward", items=[*fixed, Item(what="activations", device=act, kind="activations",
+    phases = [Phase(name="backward", items=[*fixed, *forward, Item(what="activations", device=act, kind="activations",
                                                          source=act_how)])]
     if accelerator:  # torch's foreach AdamW (CUDA default) makes a float32 sqrt(exp_avg_sq) for every tensor at once
         step = Item(what="AdamW step temporaries", source="4 x T / shard: foreach sqrt(exp_avg_sq)",
