@@ -4,12 +4,14 @@ MUSE's 7B models under each strategy.
     python benchmarks/memory_plan_check.py [--sizes micro default] [--probe] [--threads 1]
     python benchmarks/memory_plan_check.py --muse-table
 
-Measured: every stage runs alone in a fresh child process; its peak RSS (ru_maxrss) minus its RSS just
-before the stage (after every library it uses is imported) is set beside the plan's CPU peak for the
-same run (largest phase, device + host). `--probe` adds a wider random Llama (~90M parameters) on the
+Measured: every stage runs alone in a fresh child process; the largest RSS a thread sees while it runs
+(every 5 ms) minus its RSS just before the stage (after every library it uses is imported) is set
+beside the plan's CPU peak for the same run (largest phase, device + host); "anon" counts only
+anonymous memory (allocations), without the mapped checkpoint files the loaders read through. `--probe` adds a wider random Llama (~90M parameters) on the
 default task's data, where the training state (16 bytes per parameter) dominates the process. Also
 printed: the bytes autograd keeps for backward (saved-tensor hooks) against the plan's activation item.
-Unlearning runs `max_steps=2` (the peak comes with the first optimizer step). Uses $QUBENCH_HOME for
+Unlearning runs two optimizer steps of one micro-batch each (the second backward is the peak: AdamW
+state allocated, gradients again). Uses $QUBENCH_HOME for
 the task's models (trained once there if missing); each child writes its own artifacts to a temporary
 folder, QUAIL's logit cache included.
 """
@@ -30,10 +32,37 @@ QUANTS = ("rtn-4bit", "gptq-4bit")
 MiB = 2**20
 
 
-def _rss() -> int:
-    import psutil
+def _status() -> dict[str, int]:
+    """VmRSS and RssAnon of this process in bytes (anonymous = allocations, without mapped files such as
+    the safetensors checkpoint, which the kernel may drop and re-read)."""
+    fields = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
 
-    return psutil.Process().memory_info().rss
+
+class Sampler:
+    """The largest VmRSS and RssAnon seen while a stage runs (read every 5 ms by a thread)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.stop = _status(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.005):
+            for key, value in _status().items():
+                self.peak[key] = max(self.peak[key], value)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def child(job: dict) -> None:
@@ -56,7 +85,8 @@ def child(job: dict) -> None:
     if stage == "unlearn":
         from qubench.methods.base import UnlearnContext
 
-        method = registry.create("methods", job["plugin"], {"max_steps": 2})
+        # two micro-batches of two optimizer steps: the second backward runs with the AdamW state allocated
+        method = registry.create("methods", job["plugin"], {"max_steps": 2, "grad_accum": 1})
         run = lambda: method.unlearn(UnlearnContext(Path(job["model_dir"]), None, data, out, 0, progress=False))
     elif stage == "quantize":
         from qubench.stages.quantized import calibration_texts
@@ -72,9 +102,13 @@ def child(job: dict) -> None:
         evaluation = Evaluation(stages.eval_setup(data, Path(job["data_dir"])), Path(job["model_dir"]), "target",
                                 stages.load_full)
         run = lambda: evaluation.build(Path(job["home"]) / "eval.json")
-    baseline = _rss()
-    run()
-    print(json.dumps({"baseline": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    before = _status()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with Sampler() as sampled:
+        run()
+    print(json.dumps({"baseline": before["VmRSS"], "peak": sampled.peak["VmRSS"], "anon_baseline": before["RssAnon"],
+                      "anon_peak": sampled.peak["RssAnon"], "maxrss_before": maxrss_before,
+                      "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 def measure(job: dict) -> dict:
@@ -137,7 +171,8 @@ def check(sizes: list[str], probe: bool, threads: int) -> None:
 
     cpu = Hardware(kind="cpu", device_bytes=2**40, host_bytes=2**40, source="CPU")
     table = Table(title=f"memory plan vs measured peak RSS growth (torch threads {threads}, {os.cpu_count()} cores)")
-    for col in ("model", "params", "stage", "plugin", "baseline", "measured", "estimate", "est/meas"):
+    for col in ("model", "params", "stage", "plugin", "baseline RSS", "RSS growth", "anon growth", "estimate",
+                "est/anon"):
         table.add_column(col, justify="left" if col in ("model", "stage", "plugin") else "right")
     saved = Table(title="activations: bytes autograd keeps for one forward (B=4, S=max_len) vs the plan's formula")
     for col in ("model", "measured", "estimate", "est/meas"):
@@ -168,10 +203,10 @@ def check(sizes: list[str], probe: bool, threads: int) -> None:
                 estimate = phase.device + phase.host
                 got = measure({"stage": stage, "plugin": plugin, "model_dir": str(target), "data_dir": str(data_dir),
                                "threads": threads, "spec": json.loads(spec.model_dump_json())})
-                grown = got["peak"] - got["baseline"]
+                grown, anon = got["peak"] - got["baseline"], got["anon_peak"] - got["anon_baseline"]
                 table.add_row(label, f"{plan.shape.params:,}", stage, plugin, f"{got['baseline'] / MiB:,.0f} MiB",
-                              f"{grown / MiB:,.1f} MiB", f"{estimate / MiB:,.1f} MiB ({phase.name})",
-                              f"{estimate / grown:.2f}" if grown > 0 else "-")
+                              f"{grown / MiB:,.1f} MiB", f"{anon / MiB:,.1f} MiB",
+                              f"{estimate / MiB:,.1f} MiB ({phase.name})", f"{estimate / anon:.2f}" if anon > 0 else "-")
             seq = plan.train.seq_len if plan.train else 256
             measured = saved_tensor_bytes(target, 4, seq)
             est, _ = _activations(plan.shape, TrainSettings(batch_size=4, seq_len=seq), graphs=1)

@@ -204,6 +204,20 @@ def test_a_run_that_cannot_fit_stops_before_building_any_model(home, tmp_path):
     assert not (home / "models").exists() and not (tmp_path / "results").exists()
 
 
+def test_a_hub_model_whose_config_is_out_of_reach_gets_a_plan_error_that_says_what_to_do(home, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # read at import: a child process
+    done = subprocess.run([sys.executable, "-m", "qubench", "run", "--task", "muse-news", "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2, said
+    assert "the memory plan needs the config of model 'muse-bench/MUSE-News_target'" in said
+    assert "huggingface-cli download muse-bench/MUSE-News_target config.json" in said
+
+
 def test_sharded_options_are_planned_but_not_run_by_this_build(home):
     res = CliRunner().invoke(main, ["run", "--num-processes", "2"])
     assert res.exit_code == 2 and "planned (--dry-run) but not run" in res.output

@@ -145,7 +145,8 @@ def unlearn_moves(method, shape: ModelShape) -> list[Move]:
         if s.cpu_offload:
             return []
         strategy = s.strategy if s.sharded else "fsdp"
-        return [(f"--strategy {strategy} --cpu-offload", s.model_copy(update={"strategy": strategy, "cpu_offload": True}))]
+        changed = s.model_copy(update={"strategy": strategy, "cpu_offload": True})
+        return [(f"--strategy {strategy} --cpu-offload", changed)]
 
     def processes(s):
         return [v for n in PROCESS_COUNTS if n > s.processes for v in [sharded(s, n)] if v]
@@ -179,10 +180,12 @@ def plan_run(spec, parallel: Parallel, hardware: Hardware, plugins=None, data=No
     acc = hardware.accelerator
     plan_stages = ([unlearning(shape, train, acc)] if train else []) + [quantization(shape, q, acc),
                                                                          evaluation(shape, e, q, acc)]
-    alternatives = {"evaluate": [(f"--batch-size {b}", evaluation(shape, e.model_copy(update={"batch_size": b}), q, acc))
-                                 for b in sorted({e.batch_size // 2**k for k in range(1, 5)} - {0}, reverse=True)]}
-    if e.dtype_bytes == 4:
-        alternatives["evaluate"].insert(0, ("--dtype bfloat16", evaluation(shape, e.model_copy(update={"dtype_bytes": 2}), q, acc)))
+    def eval_with(**change):
+        return evaluation(shape, e.model_copy(update=change), q, acc)
+
+    halves = sorted({e.batch_size // 2**k for k in range(1, 5)} - {0}, reverse=True)
+    alternatives = {"evaluate": ([("--dtype bfloat16", eval_with(dtype_bytes=2))] if e.dtype_bytes == 4 else [])
+                    + [(f"--batch-size {b}", eval_with(batch_size=b)) for b in halves]}
     if q.calibration_tokens:
         alternatives["quantize"] = [
             (f"--quant-param num_calibration_samples={n}", quantization(
@@ -200,13 +203,16 @@ def for_run(spec, parallel: Parallel, max_memory: str | None = None, device: str
     from qubench.stages.run import RunStages
     from qubench.tasks import muse_layout
 
+    hardware = detect_hardware(max_memory, device)
+    stages = RunStages(spec, plugins, progress=False)  # bad plugin names or parameters fail here
+    stages.models(data=None)  # so does a model option that cannot apply to the task, before any data is built
     data = None
     if prepare:
         try:
-            data = muse_layout.load(RunStages(spec, plugins, progress=False).task_data().get())
+            data = muse_layout.load(stages.task_data().get())
         except Exception:  # the run itself reports a task that cannot be prepared, with its own record
             data = None
-    return plan_run(spec, parallel, detect_hardware(max_memory, device), plugins, data)
+    return plan_run(spec, parallel, hardware, stages.plugins, data)
 
 
 __all__ = ["for_run", "plan_run", "train_settings", "quant_settings", "eval_settings"]

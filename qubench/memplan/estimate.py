@@ -169,7 +169,6 @@ def unlearning(shape: ModelShape, s: TrainSettings, accelerator: bool) -> StageP
     n, cb, p = s.processes, s.compute_bytes, shape.params
     shard = n if s.sharded else 1
     t, t_how = _trainable(shape, s)
-    where = "host" if s.cpu_offload else "device"
 
     def sharded(what, total, source, kind="state", divide=shard):
         per = -(-total // divide)
@@ -186,10 +185,11 @@ def unlearning(shape: ModelShape, s: TrainSettings, accelerator: bool) -> StageP
               sharded("AdamW exp_avg + exp_avg_sq, float32", 8 * t, f"8 x T{div} (torch.optim.AdamW state)")]
     fixed = list(state)
     if s.reference:
+        # stored in the compute dtype; FSDP shards it like the model, DDP and ZeRO-3 keep it whole per rank
         fsdp = s.strategy == "fsdp"
-        fixed.append(sharded(f"frozen reference ({s.precision})", cb * p, f"cb x P{' / N (sharded like the model)' if fsdp else ', whole on every rank'}"
-                             + (" in host RAM (offload)" if s.cpu_offload else ""), kind="reference",
-                             divide=n if fsdp else 1))
+        how = " / N (sharded like the model)" if fsdp else ", whole on every rank"
+        fixed.append(sharded(f"frozen reference ({s.precision})", cb * p, f"cb x P{how}" + (
+            " in host RAM (offload)" if s.cpu_offload else ""), kind="reference", divide=n if fsdp else 1))
     linear_params = sum(lin.params for lin in shape.linears)
     forward = []  # alive from the forward pass through backward only
     if s.sharded:
@@ -228,8 +228,10 @@ def unlearning(shape: ModelShape, s: TrainSettings, accelerator: bool) -> StageP
         sal_act, _ = _activations(shape, s, 1)
         phases.append(Phase(name="SURE saliency", items=[
             sharded("weights + gradients of every parameter, float32", 8 * p, f"8 x P{div}"),
-            Item(what="copies of every Linear gradient", device=lin, source="4 x Linear params: saliency.forget_gradients"),
-            Item(what="activations (forget term only)", device=sal_act, kind="activations", source="1 graph, as above")]))
+            Item(what="copies of every Linear gradient", device=lin,
+                 source="4 x Linear params: saliency.forget_gradients"),
+            Item(what="activations (forget term only)", device=sal_act, kind="activations",
+                 source="1 graph, as above")]))
     notes = []
     if s.hinge:
         phases.append(hinge_cache_phase(shape, s))
@@ -264,6 +266,8 @@ def hinge_cache_phase(shape: ModelShape, s: TrainSettings) -> Phase:
 
 def hinge_disk_note(shape: ModelShape, s: TrainSettings) -> str:
     per_token = _hinge_bytes_per_token(shape, s)
-    size = f"{s.forget_tokens * per_token / GiB:,.1f} GiB" if s.forget_tokens else f"{per_token:,} bytes per forget token"
-    return (f"QUAIL's target logits live on disk ({size}, K={s.hinge_top_k or shape.vocab}) and are read one batch at "
-            "a time while training; building them holds them in RAM twice (see its phase). hinge_top_k shrinks both.")
+    size = (f"{s.forget_tokens * per_token / GiB:,.1f} GiB" if s.forget_tokens
+            else f"{per_token:,} bytes per forget token")
+    return (f"QUAIL's target logits live on disk ({size}, K={s.hinge_top_k or shape.vocab}) and are read one batch "
+            "at a time while training; building them holds them in RAM twice (see its phase). hinge_top_k shrinks "
+            "both.")

@@ -41,6 +41,11 @@ def _block_forward(shape: ModelShape, tokens: int, nbytes: int) -> int:
     return tokens * (3 * shape.hidden + 2 * shape.kv_dim + 3 * shape.intermediate) * nbytes
 
 
+def _context(accelerator: bool) -> list[Item]:
+    context = Item(what="CUDA context", device=CUDA_CONTEXT, kind="overhead", source="1 GiB assumed")
+    return [context] if accelerator else []
+
+
 def quantized_eval_bytes(shape: ModelShape, q: QuantSettings) -> int:
     """The quantized checkpoint as `load_quantized` returns it for evaluation."""
     if q.family == "bnb":
@@ -54,7 +59,7 @@ def quantization(shape: ModelShape, q: QuantSettings, accelerator: bool) -> Stag
     saved, p = shape.saved_bytes, shape.params
     quantizable = sum(x.params for x in shape.quantizable)
     largest = max((x.params for x in shape.quantizable), default=0)
-    overhead = [Item(what="CUDA context", device=CUDA_CONTEXT, kind="overhead", source="1 GiB assumed")] if accelerator else []
+    overhead = _context(accelerator)
     if q.family == "bnb":
         weights = quantized_eval_bytes(shape, q)
         return StagePlan(stage="quantize", label=q.name, phases=[Phase(name="load + quantize", items=[
@@ -93,7 +98,8 @@ def quantization(shape: ModelShape, q: QuantSettings, accelerator: bool) -> Stag
                     source="tokens x (3h + i) x saved: parent inputs and reference outputs of every sample (rough)")
     else:
         hessians = sum(4 * x.inputs * x.inputs for x in shape.layer_linears)
-        work = Item(what="GPTQ Hessians of the block + inversion", device=hessians + 3 * 4 * widest_in**2 + 3 * 4 * widest_w,
+        work = Item(what="GPTQ Hessians of the block + inversion",
+                    device=hessians + 3 * 4 * widest_in**2 + 3 * 4 * widest_w,
                     source="4 x in^2 per Linear of a block; + 3 float32 in^2 (H, Cholesky inverse, copy) and 3 "
                            "float32 copies of the widest weight while it is quantized")
         if q.family == "gptqmodel":
@@ -110,7 +116,7 @@ def evaluation(shape: ModelShape, e: EvalSettings, q: QuantSettings, accelerator
     quant = quantized_eval_bytes(shape, q)
     weights = Item(what="model weights (largest evaluated)", device=max(full, quant), source=(
         f"max(P x {e.dtype_bytes} (--dtype), {q.name} as loaded: {quant / 2**30:.2f} GiB)"))
-    overhead = [Item(what="CUDA context", device=CUDA_CONTEXT, kind="overhead", source="1 GiB assumed")] if accelerator else []
+    overhead = _context(accelerator)
     if e.engine != "hf":
         return StagePlan(stage="evaluate", label=e.engine, phases=[Phase(name="serve", items=[weights, *overhead])],
                          notes=[f"engine {e.engine!r} manages its own KV cache (e.g. vLLM's gpu_memory_utilization); "

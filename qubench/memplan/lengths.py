@@ -42,7 +42,13 @@ class Lengths(BaseModel):
 def _counter(tokenizer):
     if tokenizer is None:
         return lambda texts: [math.ceil(len(t) / CHARS_PER_TOKEN) + 1 for t in texts]
-    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]] if texts else []
+
+    def count(texts):
+        if not texts:
+            return []
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
+
+    return count
 
 
 def _load_tokenizer(model_dir: Path | None):
@@ -71,7 +77,8 @@ def measure(data, model_dir: Path | None, max_len: int, calibration_samples: int
         windows = [min(n, max_len) for n in count(data.forget) for _ in range(math.ceil(n / max_len))]
         source = f"task data, estimated at {CHARS_PER_TOKEN} characters per token (no tokenizer in the model folder)"
     prompts = [p.prompt for p in (*data.verbmem_forget, *data.verbmem_holdout, *data.verbmem_retain)]
-    for questions, icl in ((data.knowmem_forget, data.knowmem_forget_icl), (data.knowmem_retain, data.knowmem_retain_icl)):
+    for questions, icl in ((data.knowmem_forget, data.knowmem_forget_icl),
+                           (data.knowmem_retain, data.knowmem_retain_icl)):
         shots = [(qa.question, qa.answer) for qa in icl]
         prompts += [knowmem_prompt(qa.question, shots) for qa in questions]
     calibration = [t for t in calibration_texts(data) if t.strip()][: max(calibration_samples, 0)]

@@ -37,8 +37,9 @@ def as_dict(plan: MemoryPlan) -> dict:
 
 def print_plan(console: Console, plan: MemoryPlan) -> None:
     s = plan.shape
-    console.print(f"[bold]memory plan[/bold] for {escape(plan.model)}: {s.architecture}, {s.params:,} parameters, {s.layers} blocks, hidden {s.hidden}, vocab {s.vocab}, context "
-                  f"{s.context}, saved in {s.saved_bytes}-byte floats; no weights loaded", highlight=False)
+    console.print(f"[bold]memory plan[/bold] for {escape(plan.model)}: {s.architecture}, {s.params:,} parameters, "
+                  f"{s.layers} blocks, hidden {s.hidden}, vocab {s.vocab}, context {s.context}, saved in "
+                  f"{s.saved_bytes}-byte floats; no weights loaded", highlight=False)
     hw = plan.hardware
     host = f", {hw.host_bytes / GiB:,.1f} GiB host" if hw.accelerator and hw.host_bytes != UNCHECKED else ""
     console.print(f"devices: {escape(hw.source)} ({hw.device_bytes / GiB:,.1f} GiB per device{host})", highlight=False)
@@ -59,8 +60,8 @@ def print_plan(console: Console, plan: MemoryPlan) -> None:
             table.add_row(phases, escape(item.what), human(item.device, item.unknown), human(item.host, item.unknown),
                           escape(item.source), end_section=index == len(seen) - 1)
         for phase in stage.phases:
-            table.add_row(f"[bold]{escape(phase.name)}[/bold]", "[bold]total[/bold]", f"[bold]{human(phase.device)}[/bold]",
-                          f"[bold]{human(phase.host)}[/bold]", "")
+            table.add_row(*(f"[bold]{cell}[/bold]" for cell in (escape(phase.name), "total", human(phase.device),
+                                                                human(phase.host))), "")
         console.print(table)
         for note in stage.notes:
             console.print(f"  note: {escape(note)}", highlight=False)

@@ -9,7 +9,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from qubench.errors import ConfigError
+from qubench.errors import ConfigError, QubenchError
+
+
+class ConfigUnavailable(QubenchError):
+    """The model's config cannot be read here (e.g. a hub ID offline): no plan can be made."""
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -128,7 +132,8 @@ def config_of(ref: str | Path):
     try:
         return AutoConfig.from_pretrained(str(ref))
     except Exception as exc:  # not a folder with config.json, unknown ID, no network, gated repo
-        raise ConfigError(
+        raise ConfigUnavailable(
             f"the memory plan needs the config of model {str(ref)!r} and could not read it ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Pass --model with a local folder holding its "
-            "config.json, or fetch the config alone: huggingface-cli download ID config.json") from None
+            "config.json, or fetch the config alone: "
+            f"huggingface-cli download {ref} config.json") from None
