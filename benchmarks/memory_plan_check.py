@@ -27,8 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-METHODS = ("ga_gdr", "npo_klr", "quail")
-QUANTS = ("rtn-4bit", "gptq-4bit")
+METHODS = ("ga_gdr", "npo_klr", "quail", "sure", "lora")
+QUANTS = ("rtn-4bit", "gptq-4bit", "awq-4bit", "bnb-nf4")
 MiB = 2**20
 
 
@@ -111,10 +111,13 @@ def child(job: dict) -> None:
                       "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def measure(job: dict) -> dict:
+def measure(job: dict, mmap_threshold: int | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    if mmap_threshold:  # glibc then returns every freed block above it at once: RSS follows live bytes
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with tempfile.TemporaryDirectory() as home:
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps({**job, "home": home})],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(job["threads"])})
+                              capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{job['stage']} {job['plugin']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -157,7 +160,8 @@ def saved_tensor_bytes(model_dir: Path, rows: int, seq: int) -> int:
     return sum(seen.values())
 
 
-def check(sizes: list[str], probe: bool, threads: int) -> None:
+def check(sizes: list[str], probe: bool, threads: int, methods=METHODS, quants=QUANTS, evaluate=True,
+          mmap_threshold: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -170,9 +174,11 @@ def check(sizes: list[str], probe: bool, threads: int) -> None:
     from qubench.tasks import muse_layout
 
     cpu = Hardware(kind="cpu", device_bytes=2**40, host_bytes=2**40, source="CPU")
-    table = Table(title=f"memory plan vs measured peak RSS growth (torch threads {threads}, {os.cpu_count()} cores)")
+    allocator = f", MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else ", glibc default allocator"
+    table = Table(title=f"memory plan vs measured peak RSS growth (torch threads {threads}, {os.cpu_count()} cores"
+                        f"{allocator})")
     for col in ("model", "params", "stage", "plugin", "baseline RSS", "RSS growth", "anon growth", "estimate",
-                "est/anon"):
+                "est/RSS"):
         table.add_column(col, justify="left" if col in ("model", "stage", "plugin") else "right")
     saved = Table(title="activations: bytes autograd keeps for one forward (B=4, S=max_len) vs the plan's formula")
     for col in ("model", "measured", "estimate", "est/meas"):
@@ -191,7 +197,8 @@ def check(sizes: list[str], probe: bool, threads: int) -> None:
             runs.append(("probe ~90M", task, data_dir, probe_model(target, Path(tmp) / "probe"), True))
         for label, task, data_dir, target, is_probe in runs:
             data = muse_layout.load(data_dir)
-            jobs = [("unlearn", m) for m in METHODS] + [("quantize", q) for q in QUANTS] + [("evaluate", "hf")]
+            jobs = ([("unlearn", m) for m in methods] + [("quantize", q) for q in quants]
+                    + ([("evaluate", "hf")] if evaluate else []))
             for stage, plugin in jobs:
                 spec = RunSpec(task=task, model=str(target) if is_probe else None,
                                **({"method": PluginRef(name=plugin)} if stage == "unlearn" else {}),
@@ -202,11 +209,11 @@ def check(sizes: list[str], probe: bool, threads: int) -> None:
                 phase = max(st.phases, key=lambda p: p.device + p.host)
                 estimate = phase.device + phase.host
                 got = measure({"stage": stage, "plugin": plugin, "model_dir": str(target), "data_dir": str(data_dir),
-                               "threads": threads, "spec": json.loads(spec.model_dump_json())})
+                               "threads": threads, "spec": json.loads(spec.model_dump_json())}, mmap_threshold)
                 grown, anon = got["peak"] - got["baseline"], got["anon_peak"] - got["anon_baseline"]
                 table.add_row(label, f"{plan.shape.params:,}", stage, plugin, f"{got['baseline'] / MiB:,.0f} MiB",
                               f"{grown / MiB:,.1f} MiB", f"{anon / MiB:,.1f} MiB",
-                              f"{estimate / MiB:,.1f} MiB ({phase.name})", f"{estimate / anon:.2f}" if anon > 0 else "-")
+                              f"{estimate / MiB:,.1f} MiB ({phase.name})", f"{estimate / grown:.2f}" if grown > 0 else "-")
             seq = plan.train.seq_len if plan.train else 256
             measured = saved_tensor_bytes(target, 4, seq)
             est, _ = _activations(plan.shape, TrainSettings(batch_size=4, seq_len=seq), graphs=1)
@@ -296,6 +303,12 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", nargs="+", default=["micro", "default"])
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--quants", nargs="*", default=list(QUANTS))
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="glibc mmap threshold for the stage processes (e.g. 65536: freed memory goes back to the "
+                         "OS, so RSS follows live bytes rather than the allocator's high-water mark)")
     ap.add_argument("--muse-table", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -304,4 +317,5 @@ if __name__ == "__main__":
     elif args.muse_table:
         muse_table()
     else:
-        check(args.sizes, args.probe, args.threads)
+        check(args.sizes, args.probe, args.threads, args.methods, args.quants, not args.no_eval,
+              args.malloc_mmap_threshold)

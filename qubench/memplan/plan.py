@@ -98,7 +98,7 @@ class Verdict(BaseModel):
     fits: bool
     memory_fits: bool
     phase: str            # the phase with the largest need
-    need: str             # e.g. "112.5 GiB per device, 0.0 GiB host"
+    need: str             # e.g. "151.6 GiB per device" (accelerators) or "16.6 GiB of RAM" (CPU)
     budget: str
     problem: str | None = None
 
