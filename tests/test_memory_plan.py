@@ -164,6 +164,9 @@ def test_a_cpu_run_adds_every_process_and_the_host_items_into_one_ram(shape7b):
     roomy = Hardware(kind="cpu", device_bytes=2 * per_process, host_bytes=2 * per_process, source="test")
     tight = roomy.model_copy(update={"device_bytes": 2 * per_process - 1, "host_bytes": 2 * per_process - 1})
     assert judge(plan, roomy).fits and not judge(plan, tight).fits
+    assert judge(plan, roomy).tight  # nothing to spare: allocator overhead may tip it over
+    spacious = roomy.model_copy(update={"device_bytes": 3 * per_process, "host_bytes": 3 * per_process})
+    assert judge(plan, spacious).fits and not judge(plan, spacious).tight
 
 
 def _dry_run(home, *args):

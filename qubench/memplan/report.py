@@ -69,7 +69,8 @@ def print_plan(console: Console, plan: MemoryPlan) -> None:
     for col in ("stage", "peak per device", "peak host", "processes", "fits"):
         summary.add_column(col, justify="left" if col == "stage" else "right")
     for stage, verdict in zip(plan.stages, plan.verdicts()):
-        fits = "[green]yes[/green]" if verdict.fits else f"[red]no[/red]: {escape(verdict.problem or '')}"
+        fits = ("[yellow]yes, tight (<10% to spare)[/yellow]" if verdict.tight else "[green]yes[/green]") \
+            if verdict.fits else f"[red]no[/red]: {escape(verdict.problem or '')}"
         summary.add_row(stage.stage, human(stage.device_peak) or "0", human(stage.host_peak) or "0",
                         str(stage.processes), fits)
     console.print(summary)
