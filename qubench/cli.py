@@ -57,23 +57,29 @@ def main() -> None:
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Recompute everything: the result and every cached stage the run uses "
                                             "(shared ones such as the task's target models included).")
-@click.option("--num-processes", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Unlearning processes on this machine (one per GPU). Not part of the run's identity: the global "
-                   "batch is the same (batch_size must divide by it). Or start qubench with `accelerate launch`.")
-@click.option("--strategy", default="ddp", show_default=True, type=click.Choice(["ddp", "fsdp", "deepspeed"]),
-              help="ddp: a model replica per process; fsdp: FSDP2 full shard; deepspeed: ZeRO-3.")
-@click.option("--cpu-offload", is_flag=True, help="With fsdp/deepspeed: keep weights, gradients and optimizer "
-                                                  "state in CPU memory.")
+@shared("num_processes", "strategy", "cpu_offload", "max_memory")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of every stage (per device, from configs; no "
+                                              "weights loaded) and whether it fits, then stop.")
 @shared("no_rebuild", "as_json")
 def run(task, method, quant, engine, task_params, method_params, quant_params, engine_params, vllm_python, model,
         retrain_model, seed, batch_size, dtype, limit, device, results_dir, force, num_processes, strategy,
-        cpu_offload, as_json) -> None:
-    """Unlearn, quantize, evaluate before and after, and report the forgetting gap."""
+        cpu_offload, max_memory, dry_run, as_json) -> None:
+    """Unlearn, quantize, evaluate before and after, and report the forgetting gap.
+
+    Before any work, the memory plan of every stage is held against the devices: a run that cannot fit
+    stops and names the options that would (see --dry-run, --max-memory).
+    """
     from pydantic import ValidationError
 
-    from qubench import pipeline
+    from qubench import pipeline, results
+    from qubench.memplan.build import for_run
+    from qubench.memplan.report import as_dict, print_plan
     from qubench.methods import launch
     from qubench.methods.runtime import Parallelism
+
+    if max_memory and "x" in max_memory.lower() and not dry_run:
+        raise click.BadParameter("COUNTxSIZE plans for simulated accelerators: use it with --dry-run; a run "
+                                 "takes SIZE, the budget per device", param_hint="--max-memory")
 
     try:
         parallelism = Parallelism(processes=num_processes, strategy=strategy, cpu_offload=cpu_offload)
@@ -93,6 +99,16 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     )
     log = _stderr_log(quiet=as_json)
     try:
+        if dry_run:
+            plan = for_run(spec, parallelism, max_memory, device=device)
+            if as_json:
+                out.print_json(data=as_dict(plan))
+            else:
+                print_plan(out, plan)
+            plan.check()
+            return
+        if force or results.stored_ok(pipeline.result_path(results_dir, spec)) is None:
+            _check_memory(spec, parallelism, max_memory, device, log)
         result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, device=device,
                               parallelism=parallelism)
     except QubenchError as exc:
@@ -177,6 +193,22 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
             print_result(out, done[-1], pipeline.result_path(results_dir, spec))
     if as_json:
         out.print_json(json.dumps([json.loads(r.model_dump_json()) for r in done]))
+
+
+def _check_memory(spec: RunSpec, parallelism, max_memory: str | None, device: str, log) -> None:
+    """Stop a run that cannot fit before it loads anything. A plan that cannot be made (e.g. a hub
+    model's config out of reach offline) does not block the run: the run reports its own errors."""
+    from qubench.memplan.build import for_run
+    from qubench.memplan.shape import ConfigUnavailable
+
+    try:
+        plan = for_run(spec, parallelism, max_memory, device=device, prepare=True)
+    except ConfigUnavailable as exc:
+        if max_memory is not None:
+            raise
+        log(f"memory plan skipped: {exc}")
+        return
+    plan.check()
 
 
 @main.command()

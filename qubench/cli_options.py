@@ -86,6 +86,20 @@ OPTIONS: dict[str, Callable] = {
                                     "wrote, instead of rebuilding it."),
     "workers": click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                             help="Local worker processes (or Ray's local CPUs)."),
+    # How the unlearn stage is spread over processes; the memory plan and the training runtime both read them.
+    "num_processes": click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+                                  help="Unlearning processes on this machine (one per GPU). Not part of the run's "
+                                       "identity: the global batch is the same (batch_size must divide by it). Or "
+                                       "start qubench with `accelerate launch`."),
+    "strategy": click.option("--strategy", type=click.Choice(["ddp", "fsdp", "deepspeed"]), default="ddp",
+                             show_default=True, help="ddp: a model replica per process; fsdp: FSDP full shard; "
+                                                     "deepspeed: ZeRO-3."),
+    "cpu_offload": click.option("--cpu-offload", is_flag=True,
+                                help="With fsdp/deepspeed: keep weights, gradients and optimizer state in CPU memory."),
+    "max_memory": click.option("--max-memory", default=None, metavar="SIZE",
+                               help="Memory budget per device for the memory plan, e.g. 24GiB or 80GB (default: the "
+                                    "free memory of the visible GPUs, else the available RAM); COUNTxSIZE[+HOST], e.g. "
+                                    "8x80GB or 8x80GB+2TB, plans for simulated accelerators (with --dry-run)."),
     "as_json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of tables."),
 }
 

@@ -22,22 +22,29 @@ from qubench.progress import Steps
 from qubench.tasks.base import TrainRecipe
 
 
-def build_model(recipe: TrainRecipe, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    torch.manual_seed(recipe.seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+def recipe_config(recipe: TrainRecipe, vocab_size: int | None = None, bos_token_id: int | None = None,
+                  eos_token_id: int | None = None, pad_token_id: int | None = None) -> LlamaConfig:
+    """The architecture of a recipe's models. `vocab_size` is the trained tokenizer's length (at most
+    the recipe's `vocab_size`, which the memory plan uses before any tokenizer exists)."""
+    return LlamaConfig(
+        vocab_size=vocab_size or recipe.vocab_size,
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers,
         num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_heads,
         max_position_embeddings=recipe.max_seq_len,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(cfg)
+
+
+def build_model(recipe: TrainRecipe, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(recipe_config(recipe, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                          tokenizer.pad_token_id))
 
 
 def encode_docs(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_len: int) -> list[list[int]]:
