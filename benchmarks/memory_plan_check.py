@@ -275,7 +275,8 @@ def muse_table() -> None:
         cells = []
         for settings in methods.values():
             plan = unlearning(shape, TrainSettings(precision="bf16", seq_len=256, **settings, **extra), True)
-            fits = "fits" if judge(plan, hw).fits else "[red]does not fit[/red]"
+            verdict = judge(plan, hw)
+            fits = ("fits, tight" if verdict.tight else "fits") if verdict.fits else "does not fit"
             cells.append(f"{plan.device_peak / 1e9:,.0f} GB / {plan.host_peak / 1e9:,.0f} GB, {fits}")
         table.add_row(label, *cells)
     console = Console(width=160)

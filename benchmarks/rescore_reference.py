@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 REFERENCE = Path(__file__).resolve().parents[1] / "leaderboard" / "reference"
-METRIC_FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "target_change")
+METRIC_FIELDS = ("pre", "post", "gap", "recovery", "target_pre", "target_post", "retrain", "retrain_post", "position_pre",
+                 "position_post", "controlled_recovery", "target_change")
 DIAGNOSTIC_FIELDS = ("mean_abs_delta", "max_abs_delta", "mean_quant_step", "delta_over_step",
                      "quantized_disagreement")
 

@@ -71,7 +71,7 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
     """
     from pydantic import ValidationError
 
-    from qubench import pipeline, results
+    from qubench import pipeline
     from qubench.memplan.build import for_run
     from qubench.memplan.report import as_dict, print_plan
     from qubench.methods import launch
@@ -107,10 +107,8 @@ def run(task, method, quant, engine, task_params, method_params, quant_params, e
                 print_plan(out, plan)
             plan.check()
             return
-        if force or results.stored_ok(pipeline.result_path(results_dir, spec)) is None:
-            _check_memory(spec, parallelism, max_memory, device, log)
         result = pipeline.run(spec, results_dir, force=force, log=log, progress=not as_json, device=device,
-                              parallelism=parallelism)
+                              parallelism=parallelism, plan_memory=True, max_memory=max_memory)
     except QubenchError as exc:
         _fail(exc)
     finally:
@@ -193,22 +191,6 @@ def audit(task, target, unlearned, retrain, quants, name, allow_identical, allow
             print_result(out, done[-1], pipeline.result_path(results_dir, spec))
     if as_json:
         out.print_json(json.dumps([json.loads(r.model_dump_json()) for r in done]))
-
-
-def _check_memory(spec: RunSpec, parallelism, max_memory: str | None, device: str, log) -> None:
-    """Stop a run that cannot fit before it loads anything. A plan that cannot be made (e.g. a hub
-    model's config out of reach offline) does not block the run: the run reports its own errors."""
-    from qubench.memplan.build import for_run
-    from qubench.memplan.shape import ConfigUnavailable
-
-    try:
-        plan = for_run(spec, parallelism, max_memory, device=device, prepare=True)
-    except ConfigUnavailable as exc:
-        if max_memory is not None:
-            raise
-        log(f"memory plan skipped: {exc}")
-        return
-    plan.check()
 
 
 @main.command()

@@ -59,6 +59,13 @@ class Device:
             return "cpu"
         return f"cuda:{self.index if self.index is not None else 0}"
 
+    @property
+    def choice(self) -> str:
+        """The resolved choice as `--device` spells it: cpu, cuda (every visible GPU) or cuda:N."""
+        if not self.is_cuda:
+            return "cpu"
+        return "cuda" if self.index is None else f"cuda:{self.index}"
+
     def gpu_indices(self) -> list[int]:
         if not self.is_cuda:
             return []

@@ -72,12 +72,15 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         progress: bool = True, device: str | Device = "auto",
-        parallelism: Parallelism | None = None) -> results.RunResult:
+        parallelism: Parallelism | None = None, plan_memory: bool = False,
+        max_memory: str | None = None) -> results.RunResult:
     """Run one spec (an audit when `spec.audit` is set) on `device` (auto, cpu, cuda, cuda:N; see
     qubench.device); reuse its stored result unless `force`, it had failed, or the audited checkpoint
     changed since. `force` also rebuilds every cached stage the run uses (shared ones included: see
     `store.rebuilding`). The device and `parallelism` (how the unlearn stage is spread over processes) are
-    how the run executes, not what it measures: not part of the result's name; the result records them."""
+    how the run executes, not what it measures: not part of the result's name; the result records them.
+    `plan_memory`: before any model is loaded, hold the memory plan (qubench.memplan) against the devices
+    (`max_memory`: the budget per device instead of the free memory) and stop a run that cannot fit."""
     out = result_path(results_dir, spec)
     if not force and (stored := results.stored_ok(out, spec)) is not None:
         changed = changed_since(spec.audit, stored) if spec.audit is not None else None
@@ -94,6 +97,10 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
         models.check()  # and so does a model folder that cannot be loaded
     preflight.writable_folder(Path(results_dir), "results folder", preflight.MIN_FREE_RESULTS)
     preflight.writable_folder(store.home_path(), "QUBENCH_HOME", preflight.MIN_FREE_HOME)
+    if plan_memory:
+        from qubench.memplan.build import check_before_run
+
+        check_before_run(spec, stages, parallelism or Parallelism(), max_memory, device.choice, log)
     with store.rebuilding() if force else nullcontext():
         return _run(spec, plugins, stages, out, log, device)
 
@@ -183,8 +190,6 @@ def _save(result: results.RunResult, out: Path) -> tuple[Path, str] | None:
         except OSError:
             continue
     raise ResultNotSaved(result, out, None, why)
-
-
 
 
 def _training_record(models: PreparedModels) -> dict | None:

@@ -315,10 +315,26 @@ def test_the_reference_grid_shipped_in_the_repository_is_complete_and_intact():
     board, rows = _rows(folder)
     assert not board.rejected and board.sources[0].kind == "reference"
     assert len(board.runs) == manifest["cells"]["ok"] == manifest["cells"]["expected"]
-    assert len(rows) == manifest["cells"]["expected"]  # one seed: one row per cell
+    seeds = manifest["grid"]["seeds"]
+    assert len(seeds) == 3 and len(rows) * 3 == manifest["cells"]["expected"]  # a row: one cell over 3 seeds
+    assert all(r.seeds == seeds for r in rows)
     ranked = [r for r in rows if r.rank is not None]
     assert ranked and all(r.utility is not None and r.utility.name == "verbmem_r" for r in ranked)
     assert {r.method for r in rows if r.baseline} == {"target", "retrain"}
+    # Every ranked row carries both recoveries with an interval, and a verdict from the controlled one.
+    for r in ranked:
+        for field in ("recovery", "controlled_recovery"):
+            stat = r.forget.values[field]
+            assert stat.low is not None and stat.low <= stat.mean <= stat.high, (r.method, r.quantizer, field)
+        assert r.forget.verdict in ("recovers", "does not recover", "undetermined")
+    # The known-answer control is there, labelled, never ranked, and shows what it must: all of its
+    # forgetting back under the scheme it hides from (bit-identical to the quantized target), none at 8 bits.
+    control = {r.quantizer: r for r in rows if r.control}
+    assert control and all(r.method == "ga_gdr+inbucket" and r.rank is None for r in control.values())
+    hidden = control["rtn-4bit"].forget
+    assert hidden.mean("controlled_recovery") == pytest.approx(1.0) and hidden.verdict == "recovers"
+    assert hidden.mean("post") == hidden.mean("target_post")
+    assert control["rtn-8bit"].forget.verdict == "does not recover"
 
 
 def test_cli_leaderboard_rejects_a_missing_results_folder(tmp_path):

@@ -14,10 +14,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from qubench import metric_catalog, store
+from qubench.grid.aggregate import FIELDS, metric_estimates, verdict
 from qubench.leaderboard.data import Board, Run, Source
 from qubench.results import RunResult
 
-from qubench.grid.aggregate import FIELDS, metric_estimates, verdict
 BASELINE_METHODS = ("target", "retrain")
 
 

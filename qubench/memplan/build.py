@@ -86,15 +86,21 @@ def quant_settings(quant, lengths: Lengths) -> QuantSettings:
                          calibration_tokens=tokens, eval_float32=family != "bnb")
 
 
-def eval_settings(spec, shape: ModelShape, lengths: Lengths) -> EvalSettings:
+def eval_settings(spec, shape: ModelShape, lengths: Lengths, accelerator: bool) -> EvalSettings:
+    from qubench.engines.batch_fit import CPU_BATCH
     from qubench.evaluation.metrics import VERBMEM_MAX_NEW_TOKENS
 
+    batch = spec.engine_params()["batch_size"]
+    if batch == "auto":
+        # --batch-size auto takes the largest batch the free memory holds (engines.batch_fit), down to one
+        # row: that is the least it needs on an accelerator; on a CPU it means CPU_BATCH.
+        batch = 1 if accelerator else CPU_BATCH
     new = VERBMEM_MAX_NEW_TOKENS
     # lm-eval's HFLM keeps the last (context - max_gen_toks) tokens of a prompt; PrivLeak cuts documents
     # at the context (engines.base.Engine.max_length)
     prompt = min(lengths.prompt_tokens or shape.context, max(shape.context - new, 1))
     return EvalSettings(engine=spec.engine.name, dtype_bytes=2 if spec.dtype in ("bfloat16", "float16") else 4,
-                        batch_size=spec.engine_params()["batch_size"], prompt_tokens=prompt, new_tokens=new,
+                        batch_size=batch, prompt_tokens=prompt, new_tokens=new,
                         document_tokens=min(lengths.document_tokens or shape.context, shape.context))
 
 
@@ -177,7 +183,7 @@ def plan_run(spec, parallel: Parallelism, hardware: Hardware, plugins=None, data
                else Lengths(source=NO_DATA))
     train = train_settings(method, config, parallel, lengths, hardware.accelerator)
     q = quant_settings(quant, lengths)
-    e = eval_settings(spec, shape, lengths)
+    e = eval_settings(spec, shape, lengths, hardware.accelerator)
     acc = hardware.accelerator
     plan_stages = ([unlearning(shape, train, acc)] if train else []) + [quantization(shape, q, acc),
                                                                          evaluation(shape, e, q, acc)]
@@ -196,24 +202,39 @@ def plan_run(spec, parallel: Parallelism, hardware: Hardware, plugins=None, data
                       moves=unlearn_moves(method, shape) if train else [], alternatives=alternatives)
 
 
-def for_run(spec, parallel: Parallelism, max_memory: str | None = None, device: str = "auto", prepare: bool = False,
+def for_run(spec, parallel: Parallelism, max_memory: str | None = None, device: str = "auto",
             plugins=None) -> MemoryPlan:
-    """The plan `qubench run` checks. `prepare`: build the task data first (a real run does so anyway, before
-    any model is loaded) so token counts are exact; a dry run only reads data that is already there."""
+    """The plan `qubench run --dry-run` prints: from configs and the task data if it is already prepared."""
     from qubench.memplan.plan import detect_hardware
     from qubench.stages.run import RunStages
-    from qubench.tasks import muse_layout
 
     hardware = detect_hardware(max_memory, device)
     stages = RunStages(spec, plugins, progress=False)  # bad plugin names or parameters fail here
     stages.models(data=None)  # so does a model option that cannot apply to the task, before any data is built
-    data = None
-    if prepare:
-        try:
-            data = muse_layout.load(stages.task_data().get())
-        except Exception:  # the run itself reports a task that cannot be prepared, with its own record
-            data = None
-    return plan_run(spec, parallel, hardware, stages.plugins, data)
+    return plan_run(spec, parallel, hardware, stages.plugins)
 
 
-__all__ = ["for_run", "plan_run", "train_settings", "quant_settings", "eval_settings"]
+def check_before_run(spec, stages, parallel: Parallelism, max_memory: str | None, device: str, log) -> None:
+    """Stop a run that cannot fit before it loads any model (`pipeline.run`, after its other checks). The
+    task data is prepared first (the run does so anyway) so token counts are exact. A plan that cannot be
+    made (e.g. a hub model's config out of reach offline) does not block the run, unless --max-memory asked
+    for one: the run reports its own errors."""
+    from qubench.memplan.plan import detect_hardware
+    from qubench.memplan.shape import ConfigUnavailable
+    from qubench.tasks import muse_layout
+
+    try:
+        data = muse_layout.load(stages.task_data().get())
+    except Exception:  # the run itself reports a task that cannot be prepared, with its own record
+        data = None
+    try:
+        plan = plan_run(spec, parallel, detect_hardware(max_memory, device), stages.plugins, data)
+    except ConfigUnavailable as exc:
+        if max_memory is not None:
+            raise
+        log(f"memory plan skipped: {exc}")
+        return
+    plan.check()
+
+
+__all__ = ["check_before_run", "for_run", "plan_run", "train_settings", "quant_settings", "eval_settings"]
