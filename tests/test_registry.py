@@ -42,6 +42,15 @@ def test_unknown_parameter_lists_allowed_ones():
     assert "allowed parameters:" in str(err.value) and "lr (default" in str(err.value)
 
 
+def _fake_distributions(folder, group: str, version: str, entries: dict[str, str]) -> None:
+    """Installed-looking distributions (a .dist-info with METADATA and entry_points.txt each) in `folder`."""
+    for dist, entry in entries.items():
+        info = folder / f"{dist}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+
+
 @pytest.fixture
 def third_party(tmp_path, monkeypatch):
     """Install two fake third-party distributions on sys.path: one broken, one working."""
@@ -52,12 +61,8 @@ def third_party(tmp_path, monkeypatch):
             name = "noop"
             description = "A third-party method that changes nothing."
     '''))
-    for dist, entry in (("brokenplug", "broken = brokenplug_missing_module:Method"),
-                        ("goodplug", "noop = goodplug:Noop")):
-        info = tmp_path / f"{dist}-1.2.3.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-        (info / "entry_points.txt").write_text(f"[qubench.methods]\n{entry}\n")
+    _fake_distributions(tmp_path, "qubench.methods", "1.2.3", {
+        "brokenplug": "broken = brokenplug_missing_module:Method", "goodplug": "noop = goodplug:Noop"})
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
     sys.modules.pop("goodplug", None)
@@ -133,12 +138,8 @@ def test_a_third_party_family_resolver_builds_names_on_demand(tmp_path, monkeypa
                 return None
             return type(name, (RTN4bit,), {"name": name, "provided_by": "rtn-4bit"})
     '''))
-    for dist, entry in (("quantresolver", "quantizers = quantresolver:resolve"),
-                        ("badresolver", "quantizers = badresolver_missing:resolve")):
-        info = tmp_path / f"{dist}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[{registry.RESOLVER_GROUP}]\n{entry}\n")
+    _fake_distributions(tmp_path, registry.RESOLVER_GROUP, "0.1", {
+        "quantresolver": "quantizers = quantresolver:resolve", "badresolver": "quantizers = badresolver_missing:resolve"})
     monkeypatch.syspath_prepend(str(tmp_path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
