@@ -9,8 +9,8 @@ from qubench.memplan.estimate import TrainSettings, unlearning
 from qubench.memplan.inference import EvalSettings, QuantSettings, evaluation, quantization
 from qubench.memplan.lengths import Lengths, measure
 from qubench.memplan.plan import PROCESS_COUNTS, Hardware, MemoryPlan, Move
-from qubench.methods.runtime import Parallelism
 from qubench.memplan.shape import ModelShape, config_of, shape_of
+from qubench.methods.runtime import Parallelism
 
 NO_DATA = ("bounds from the configs: the task data is not prepared here (max_len for training windows, the "
            "model's context for prompts and documents; `qubench prepare --task ...` makes them exact)")
@@ -162,21 +162,21 @@ def unlearn_moves(method, shape: ModelShape) -> list[Move]:
             Move("gradient checkpointing", checkpointing), Move("smaller micro-batch", halvings)]
 
 
-def plan_run(spec, parallel: Parallelism, hardware: Hardware, plugins=None, data=None) -> MemoryPlan:
-    """The plan of `spec` on `hardware`. `data` (muse_layout.TaskData): the task's data when the caller
-    has it; else it is read when already prepared, and the plan falls back to config bounds otherwise."""
+def plan_run(spec, parallel: Parallelism, hardware: Hardware, stages=None, data=None) -> MemoryPlan:
+    """The plan of `spec` on `hardware`. `stages`: the run's RunStages when the caller has them. `data`
+    (muse_layout.TaskData): the task's data when the caller has it; else it is read when already prepared,
+    and the plan falls back to config bounds otherwise."""
+    from qubench.methods.data import default_max_len
     from qubench.stages.run import RunStages
     from qubench.tasks import muse_layout
 
-    stages = RunStages(spec, plugins, progress=False)
+    stages = stages or RunStages(spec, progress=False)
     if data is None:
         task_data = stages.task_data()
         data = muse_layout.load(task_data.path()) if task_data.exists() else None
     config, local, ref = model_config(stages, data)
     shape = shape_of(config)
     method, quant = stages.plugins.method, stages.plugins.quant
-    from qubench.methods.data import default_max_len
-
     max_len = getattr(method.config, "max_len", None) or default_max_len(config)  # as the training loop cuts
     samples = getattr(quant.config, "num_calibration_samples", 0)
     lengths = (measure(data, Path(local) if local else None, max_len, samples) if data is not None
@@ -187,6 +187,7 @@ def plan_run(spec, parallel: Parallelism, hardware: Hardware, plugins=None, data
     acc = hardware.accelerator
     plan_stages = ([unlearning(shape, train, acc)] if train else []) + [quantization(shape, q, acc),
                                                                          evaluation(shape, e, q, acc)]
+
     def eval_with(**change):
         return evaluation(shape, e.model_copy(update=change), q, acc)
 
@@ -202,16 +203,15 @@ def plan_run(spec, parallel: Parallelism, hardware: Hardware, plugins=None, data
                       moves=unlearn_moves(method, shape) if train else [], alternatives=alternatives)
 
 
-def for_run(spec, parallel: Parallelism, max_memory: str | None = None, device: str = "auto",
-            plugins=None) -> MemoryPlan:
+def for_run(spec, parallel: Parallelism, max_memory: str | None = None, device: str = "auto") -> MemoryPlan:
     """The plan `qubench run --dry-run` prints: from configs and the task data if it is already prepared."""
     from qubench.memplan.plan import detect_hardware
     from qubench.stages.run import RunStages
 
     hardware = detect_hardware(max_memory, device)
-    stages = RunStages(spec, plugins, progress=False)  # bad plugin names or parameters fail here
+    stages = RunStages(spec, progress=False)  # bad plugin names or parameters fail here
     stages.models(data=None)  # so does a model option that cannot apply to the task, before any data is built
-    return plan_run(spec, parallel, hardware, stages.plugins)
+    return plan_run(spec, parallel, hardware, stages)
 
 
 def check_before_run(spec, stages, parallel: Parallelism, max_memory: str | None, device: str, log) -> None:
@@ -228,7 +228,7 @@ def check_before_run(spec, stages, parallel: Parallelism, max_memory: str | None
     except Exception:  # the run itself reports a task that cannot be prepared, with its own record
         data = None
     try:
-        plan = plan_run(spec, parallel, detect_hardware(max_memory, device), stages.plugins, data)
+        plan = plan_run(spec, parallel, detect_hardware(max_memory, device), stages, data)
     except ConfigUnavailable as exc:
         if max_memory is not None:
             raise
