@@ -170,7 +170,8 @@ def plan_run(spec, parallel: Parallelism, hardware: Hardware, stages=None, data=
     from qubench.stages.run import RunStages
     from qubench.tasks import muse_layout
 
-    stages = stages or RunStages(spec, progress=False)
+    if stages is None:
+        stages = RunStages(spec, progress=False)
     if data is None:
         task_data = stages.task_data()
         data = muse_layout.load(task_data.path()) if task_data.exists() else None
