@@ -100,7 +100,8 @@ def run(spec: RunSpec, results_dir: Path, force: bool = False, log: Log = print,
     if plan_memory:
         from qubench.memplan.build import check_before_run
 
-        check_before_run(spec, stages, parallelism or Parallelism(), max_memory, device.choice, log)
+        with reporting(log):  # it prepares the task data: that stage's lines are printed here, not later
+            check_before_run(spec, stages, parallelism or Parallelism(), max_memory, device.choice, log)
     with store.rebuilding() if force else nullcontext():
         return _run(spec, plugins, stages, out, log, device)
 

@@ -211,6 +211,15 @@ def test_a_run_that_cannot_fit_stops_before_building_any_model(home, tmp_path):
     assert not (home / "models").exists() and not any((tmp_path / "results").iterdir())
 
 
+def test_the_task_data_the_plan_prepares_is_reported_as_built_not_as_cached(home, tmp_path):
+    res = CliRunner().invoke(main, ["run", "--task-param", "size=micro", "--max-memory", "1MiB",
+                                    "--results", str(tmp_path / "results")])
+    assert res.exit_code == 2
+    lines = res.output.splitlines()
+    assert "preparing task data (synth-news) ..." in lines
+    assert any(line.startswith("preparing task data (synth-news): done in ") for line in lines), res.output
+
+
 def test_a_hub_model_whose_config_is_out_of_reach_gets_a_plan_error_that_says_what_to_do(home, tmp_path):
     import os
     import subprocess
