@@ -87,6 +87,7 @@ def train_pair(task: Task, data: TaskData, recipe: TrainRecipe, out: Path, progr
         saved.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     log["seconds"] = time.perf_counter() - t0
-    # CPU float sums are split per thread: another thread count trains slightly different weights.
+    # CPU float sums may be split per thread, so another thread count can train other weights (1 and 2
+    # threads gave identical default-task models here): recorded so a difference can be traced.
     log["torch_threads"] = torch.get_num_threads()
     (out / TRAINING_LOG).write_text(json.dumps(log, indent=2))
